@@ -1,0 +1,1 @@
+"""quantdiff: 8-bit build pipeline for diffusion models."""
