@@ -1,0 +1,122 @@
+"""Config validation and the per-stage slices that rules pass as `params:`.
+
+Snakemake tracks `params:` only when they are plain builtins, so every slice here is a plain
+dict of exactly what one stage reads: change it and that stage (and what follows) reruns.
+"""
+import copy
+import math
+from pathlib import Path
+
+from .errors import ConfigError
+
+PRECISIONS = ("fp16", "int8", "fp8")
+QUANT_LEVELS = (1, 2, 2.5, 3, 4)
+SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema" / "config.schema.yaml"
+
+
+def _where(error):
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def validate_config(config, root=".", schema=SCHEMA):
+    """Validate `config` in place (defaults filled in) and return it.
+
+    Raises ConfigError with one message naming the offending key. Runs in the Snakefile, so a
+    bad config stops the workflow before any job starts.
+    """
+    import jsonschema
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(schema), set_default=True)
+    except WorkflowError as err:
+        cause = next((a for a in err.args if isinstance(a, jsonschema.ValidationError)), None)
+        if cause is None:
+            raise ConfigError(f"config is invalid: {err}") from None
+        # The deepest error says most: "'int9' is not one of ..." beats "not valid under any".
+        best = jsonschema.exceptions.best_match([cause])
+        raise ConfigError(f"config key '{_where(best)}': {best.message}") from None
+    _check_semantics(config, Path(root))
+    return config
+
+
+def _check_semantics(config, root):
+    for precision, spec in config["precisions"].items():
+        if spec["quant_level"] == 4 and precision != "fp8":
+            raise ConfigError(
+                f"config key 'precisions.{precision}.quant_level': level 4 adds FP8 attention and exists for fp8 only; "
+                f"use 1, 2, 2.5 or 3 for {precision}"
+            )
+    for name in config.get("build", {}).get("models", []):
+        if name not in config["models"]:
+            raise ConfigError(f"config key 'build.models': unknown model '{name}'; known: {', '.join(config['models'])}")
+    for name in config["models"]:
+        for section in ("calibration", "bench"):
+            prompts = merged(config, name, section)["prompts"]
+            if not (root / prompts).is_file():
+                where = f"models.{name}.{section}.prompts" if "prompts" in config["models"][name].get(section, {}) else f"{section}.prompts"
+                raise ConfigError(f"config key '{where}': prompt file '{prompts}' does not exist")
+        engine = merged(config, name, "engine")
+        for key in ("batch", "resolution"):
+            rng = engine[key]
+            if not rng["min"] <= rng["opt"] <= rng["max"]:
+                raise ConfigError(f"config key 'engine.{key}': needs min <= opt <= max, got {rng}")
+
+
+def build_matrix(config):
+    build = config.get("build", {})
+    return {"models": build.get("models") or list(config["models"]),
+            "precisions": build.get("precisions") or list(PRECISIONS)}
+
+
+def merged(config, model, section):
+    """A global section with the model's own overrides on top (a fresh plain dict)."""
+    out = copy.deepcopy(config.get(section, {}))
+    out.update(copy.deepcopy(config["models"][model].get(section, {})))
+    return out
+
+
+def quant_level(config, precision):
+    return None if precision == "fp16" else config["precisions"][precision]["quant_level"]
+
+
+def model_settings(config, model):
+    """What the model stage reads: the model entry without the per-stage overrides."""
+    entry = config["models"][model]
+    return {k: entry[k] for k in ("pipeline", "source", "resolution")}
+
+
+def calibration_settings(config, model, precision):
+    """What calibration reads: its section, the precision and the quant level."""
+    return dict(merged(config, model, "calibration"), precision=precision, quant_level=quant_level(config, precision),
+                pipeline=config["models"][model]["pipeline"], resolution=config["models"][model]["resolution"])
+
+
+def export_settings(config, model, precision):
+    return dict(config["export"], precision=precision, pipeline=config["models"][model]["pipeline"],
+                resolution=config["models"][model]["resolution"])
+
+
+def engine_settings(config, model, precision):
+    engine = merged(config, model, "engine")
+    return dict(engine, precision=precision, pipeline=config["models"][model]["pipeline"],
+                resolution=config["models"][model]["resolution"],
+                optimization_level=engine["optimization_level"][precision] if precision in engine["optimization_level"] else 3)
+
+
+def bench_settings(config, model, precision):
+    return dict(merged(config, model, "bench"), precision=precision, quant_level=quant_level(config, precision),
+                pipeline=config["models"][model]["pipeline"], resolution=config["models"][model]["resolution"])
+
+
+def reference_settings(config, model):
+    """What the fp16 reference images depend on: the prompts, seeds and sampler settings, not timing."""
+    bench = merged(config, model, "bench")
+    return {k: bench[k] for k in ("prompts", "n_prompts", "steps", "guidance", "seed")} | {
+        "resolution": config["models"][model]["resolution"]}
+
+
+def calibration_steps_used(n_steps, percentile):
+    """How many leading denoising steps the step-range percentile calibrator keeps."""
+    return max(1, math.ceil(percentile * n_steps - 1e-9))

@@ -1,0 +1,95 @@
+"""Q/DQ bookkeeping on exported graphs: counts by layer kind, and the FP8 op rewrite."""
+import collections
+
+import onnx
+from onnx import TensorProto, helper
+
+from ..quant.levels import linear_kind
+
+QUANTIZE_OPS = {"QuantizeLinear", "TRT_FP8QuantizeLinear"}
+DEQUANTIZE_OPS = {"DequantizeLinear", "TRT_FP8DequantizeLinear"}
+COMPUTE_OPS = {"Conv": "conv", "MatMul": None, "Gemm": None}
+ATTENTION_LEAVES = {"attn1", "attn2"}
+
+
+def module_path(node_name):
+    """'/unet/down_blocks.1/attentions.0/.../to_q/MatMul' → 'down_blocks.1.attentions.0....to_q'."""
+    parts = [p for p in node_name.split("/") if p]
+    return ".".join(parts[1:-1])  # drop the wrapper's attribute ('unet') and the op name
+
+
+def quantized_compute_nodes(model):
+    """{node name: (module path, kind)} for every Conv/MatMul/Gemm fed by a dequantize node."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        if not any(producer.get(i) is not None and producer[i].op_type in DEQUANTIZE_OPS for i in node.input):
+            continue
+        path = module_path(node.name)
+        leaf = path.rsplit(".", 1)[-1]
+        if node.op_type == "Conv":
+            kind = "conv"
+        elif leaf in ATTENTION_LEAVES:
+            kind = "attention"  # q·kᵀ and softmax·v inside an attention block (FP8 level 4)
+        else:
+            kind = linear_kind(path)
+        found[node.name] = (path, kind)
+    return found
+
+
+def qdq_summary(model):
+    """What export.json records: Q/DQ node counts, quantized layers by kind, and by name."""
+    ops = collections.Counter(n.op_type for n in model.graph.node if n.op_type in QUANTIZE_OPS | DEQUANTIZE_OPS)
+    nodes = quantized_compute_nodes(model)
+    layers = {}
+    for path, kind in nodes.values():
+        if kind != "attention":
+            layers[path] = kind
+    by_kind = collections.Counter(layers.values())
+    attention_blocks = {path for path, kind in nodes.values() if kind == "attention"}
+    return {"qdq_nodes": dict(sorted(ops.items())),
+            "layers_by_kind": dict(sorted(by_kind.items())) | ({"fp8_attention": len(attention_blocks)} if attention_blocks else {}),
+            "quantized_layers": sorted(layers)}
+
+
+def fp8_to_standard_qdq(model):
+    """Rewrite TensorRT's trt::TRT_FP8{Q,DQ} ops into opset-19 float8 QuantizeLinear/DequantizeLinear.
+
+    Adds an e4m3 zero point (which sets the output type) and saturate=1, drops the exporter's
+    stale uint8 value_info for the rewritten tensors, and moves the graph to opset 19.
+    """
+    zero_name = "fp8_e4m3_zero_point"
+    rewritten = set()
+    for node in model.graph.node:
+        if node.domain != "trt" or node.op_type not in {"TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"}:
+            continue
+        quantize = node.op_type == "TRT_FP8QuantizeLinear"
+        node.op_type, node.domain = ("QuantizeLinear" if quantize else "DequantizeLinear"), ""
+        del node.attribute[:]
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = zero_name
+        if quantize:
+            node.attribute.append(helper.make_attribute("saturate", 1))
+        rewritten.update(node.output)
+    if not rewritten:
+        return model, 0
+    model.graph.initializer.append(helper.make_tensor(zero_name, TensorProto.FLOAT8E4M3FN, [], [0.0]))
+    keep = [vi for vi in model.graph.value_info if vi.name not in rewritten]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    default = max([op.version for op in model.opset_import if op.domain == ""] + [19])
+    imports = [op for op in model.opset_import if op.domain not in ("", "trt")]
+    del model.opset_import[:]
+    model.opset_import.extend(imports + [helper.make_opsetid("", default)])
+    return model, len(rewritten)
+
+
+def check_counts(summary, expected_counts):
+    """The exported graph must quantize exactly the layer kinds calibration chose."""
+    got = {k: v for k, v in summary["layers_by_kind"].items()}
+    want = {k: v for k, v in expected_counts.items() if v}
+    if got != want:
+        raise AssertionError(f"Q/DQ layers by kind {got} do not match the quant level's layer set {want}")

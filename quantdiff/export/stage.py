@@ -1,0 +1,73 @@
+"""The export stage: model (+ calib.pt) → unet.onnx + export.json, checked in ONNX Runtime."""
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from ..errors import CorruptArtifactError
+from ..io import read_json, write_json
+from .onnx_export import INPUT_NAMES, UNetWithNamedInputs, export_dtype, export_unet, positional_inputs
+from .ort_check import compare_with_torch
+from .qdq import check_counts, fp8_to_standard_qdq, qdq_summary
+
+EXPORT_BATCH = 2  # one prompt with classifier-free guidance
+
+
+def load_onnx(path):
+    """onnx.load with a clear error for a truncated or foreign file."""
+    try:
+        return onnx.load(str(path))
+    except Exception as err:  # protobuf raises DecodeError, onnx raises its own: both mean "corrupt"
+        raise CorruptArtifactError(path, f"ONNX could not parse it: {type(err).__name__}: {err}") from err
+
+
+def prepared_unet(model_dir, ckpt, precision, quant_level):
+    """The UNet to export: plain for fp16, calibrated fake-quant for int8/fp8, in export dtype, on CPU."""
+    from ..models import load_unet
+    from ..quant.calibrate import restore_calibrated_unet
+
+    unet = load_unet(model_dir)
+    if ckpt:
+        restore_calibrated_unet(unet, ckpt)
+    return unet.to(export_dtype(precision, quant_level)).eval()
+
+
+def ort_error(path, wrapper, positional, pipeline, fp8):
+    """Relative error of ONNX Runtime against PyTorch. FP8 is checked on the standard-op rewrite."""
+    if not fp8:
+        return compare_with_torch(path, wrapper, positional, INPUT_NAMES[pipeline])
+    model, _ = fp8_to_standard_qdq(load_onnx(path))
+    with tempfile.TemporaryDirectory() as scratch:
+        converted = Path(scratch) / "fp8_standard.onnx"
+        onnx.save_model(model, str(converted))
+        return compare_with_torch(converted, wrapper, positional, INPUT_NAMES[pipeline])
+
+
+def run_export(model_dir, ckpt, calib_record, settings, onnx_path, record_path, log=print):
+    from ..models import unet_example_inputs
+
+    precision, pipeline = settings["precision"], settings["pipeline"]
+    level = read_json(calib_record)["settings"]["quant_level"] if calib_record else None
+    unet = prepared_unet(model_dir, ckpt, precision, level)
+    dtype = next(unet.parameters()).dtype
+    example = unet_example_inputs(unet, EXPORT_BATCH, settings["resolution"], dtype, "cpu")
+    info = export_unet(unet, pipeline, example, settings["opset"], onnx_path, log)
+
+    graph = load_onnx(onnx_path)
+    summary = qdq_summary(graph)
+    if calib_record:
+        check_counts(summary, read_json(calib_record)["counts"])
+    info |= summary
+    wrapper, positional = UNetWithNamedInputs(unet, pipeline).eval(), positional_inputs(example, pipeline)
+    info["ort_relative_error"] = ort_error(onnx_path, wrapper, positional, pipeline, fp8=precision == "fp8")
+    log(f"ONNX Runtime vs PyTorch: relative error {info['ort_relative_error']:.3g}")
+    if precision == "fp8" and settings["fp8_standard_qdq"]:
+        graph, n = fp8_to_standard_qdq(graph)
+        from .onnx_export import save_onnx
+
+        save_onnx(graph, onnx_path)
+        info["fp8_standard_qdq_rewritten"] = n
+    info |= {"precision": precision, "quant_level": level, "dtype": str(dtype).replace("torch.", ""),
+             "pipeline": pipeline, "example_batch": EXPORT_BATCH, "resolution": settings["resolution"]}
+    write_json(record_path, info)
+    return info

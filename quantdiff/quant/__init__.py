@@ -1,0 +1,1 @@
+"""Post-training quantization with NVIDIA ModelOpt: quant levels, calibrators, calibration."""

@@ -1,0 +1,13 @@
+rule model:
+    output:
+        directory("resources/models/{model}"),
+    params:
+        model=model_params,
+    input:
+        code=package_modules("models"),
+    log:
+        "logs/{model}/model.log",
+    benchmark:
+        "benchmarks/{model}/model.tsv"
+    script:
+        "../scripts/model.py"
