@@ -1,0 +1,1 @@
+"""Benchmark records (bench.json): schema validation, image grids, SQNR plots and summary tables."""

@@ -1,0 +1,497 @@
+"""Real 8-bit modules built from a calibrated ModelOpt fake-quant UNet.
+
+ModelOpt's fake quant keeps float weights and rounds activations and weights onto the 8-bit grid
+on every call. Here the static scales from calibration are frozen, weights are stored in 8 bits,
+and linears run an 8-bit GEMM. Each module keeps `reference_forward`: the fake-quant formula in
+plain PyTorch, bit-identical to ModelOpt's CPU path, so tests can tell rounding from bugs.
+
+Quantization grids (modelopt/torch/quantization/tensor_quant.py, CPU path):
+- int8: q = clamp(round_half_even(x * 127/amax), -127, 127) (narrow range; -128 when not narrow),
+  dequant q / (127/amax); amax <= 2**-24 quantizes to 0.
+- fp8 e4m3: q = e4m3(clamp(x * 448/amax, -448, 448)), dequant q * (1 / (448/amax)).
+Both compute in float32 and cast back to the input dtype.
+"""
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quantdiff.errors import ConfigError
+
+INT8_MAX = 127.0
+FP8_MAX = 448.0
+_TINY_AMAX = 1.0 / (1 << 24)  # ModelOpt treats amax below fp16's smallest subnormal as 0
+
+# Seam for 8-bit convolution kernels (a later GPU issue adds Triton ones). A kernel registered
+# under (format, device type) is called as kernel(module, x) and replaces the dequantized conv.
+CONV_KERNELS = {}
+
+
+# ---------------------------------------------------------------- grids
+
+def _int8_scales(amax):
+    """(multiplier onto the grid, divisor back off it), exactly as ModelOpt computes them."""
+    amax = amax.detach().float()
+    zero = amax <= _TINY_AMAX
+    to_grid = torch.full_like(amax, INT8_MAX) / amax  # full_like/amax, not 127/amax: bit-identical
+    to_grid = torch.where(zero, torch.zeros_like(amax), to_grid)
+    from_grid = torch.where(zero, torch.ones_like(amax), to_grid)
+    return to_grid, from_grid
+
+
+def _fp8_scales(amax):
+    """(multiplier onto the e4m3 grid, multiplier back off it), as ModelOpt's _fp8_eager."""
+    amax = amax.detach().float()
+    safe = torch.where(amax <= _TINY_AMAX, torch.ones_like(amax), amax)
+    to_grid = FP8_MAX / safe
+    return to_grid, 1 / to_grid
+
+
+def quantize_int8(x, to_grid, min_bound=-INT8_MAX):
+    return torch.clamp(torch.round(x.float() * to_grid), min_bound, INT8_MAX).to(torch.int8)
+
+
+def quantize_fp8(x, to_grid):
+    return (x.float() * to_grid).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def quantizer_format(quantizer, where):
+    """'int8' or 'fp8' for an enabled, calibrated ModelOpt TensorQuantizer; ConfigError otherwise."""
+    if quantizer.block_sizes:
+        raise ConfigError(f"{where}: block quantization is not supported by the torch engine")
+    if quantizer.amax is None:
+        raise ConfigError(f"{where}: quantizer has no amax; calibrate the model first")
+    if quantizer.num_bits == (4, 3):
+        return "fp8"
+    if quantizer.num_bits == 8 and not quantizer.unsigned:
+        return "int8"
+    raise ConfigError(f"{where}: num_bits={quantizer.num_bits} unsigned={quantizer.unsigned} "
+                      "is not an 8-bit format the torch engine supports (int8 signed, fp8 e4m3)")
+
+
+def _copy_or_none(t):
+    return None if t is None else t.detach().clone()
+
+
+# ---------------------------------------------------------------- activations
+
+class StaticQuant(nn.Module):
+    """Quantize->dequantize with a frozen per-tensor scale: exact emulation of a ModelOpt quantizer."""
+
+    def __init__(self, fmt, amax, narrow_range=True, pre_quant_scale=None):
+        super().__init__()
+        self.fmt = fmt
+        self.min_bound = -INT8_MAX if narrow_range else -INT8_MAX - 1
+        to_grid, back = (_int8_scales if fmt == "int8" else _fp8_scales)(amax)
+        self.register_buffer("to_grid", to_grid)
+        self.register_buffer("back", back)  # int8: divisor; fp8: multiplier (as ModelOpt does)
+        self.register_buffer("pre_quant_scale", _copy_or_none(pre_quant_scale))
+
+    @classmethod
+    def from_quantizer(cls, quantizer, where):
+        fmt = quantizer_format(quantizer, where)
+        return cls(fmt, quantizer.amax, quantizer.narrow_range, quantizer.pre_quant_scale)
+
+    def quantize(self, x):
+        """8-bit tensor on the grid (pre_quant_scale not applied: callers do that)."""
+        if self.fmt == "int8":
+            return quantize_int8(x, self.to_grid, self.min_bound)
+        return quantize_fp8(x, self.to_grid)
+
+    def dequantize(self, q, dtype):
+        if self.fmt == "int8":
+            return (q.float() / self.back).to(dtype)
+        return (q.float() * self.back).to(dtype)
+
+    def forward(self, x):
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        return self.dequantize(self.quantize(x), x.dtype)
+
+
+def _weight_8bit(weight, quantizer, where):
+    """(fmt, 8-bit weight, per-channel or per-tensor dequant factor) from a weight quantizer."""
+    fmt = quantizer_format(quantizer, where)
+    amax = quantizer.amax.float()
+    if fmt == "int8":
+        to_grid, divisor = _int8_scales(amax)
+        min_bound = -INT8_MAX if quantizer.narrow_range else -INT8_MAX - 1
+        return fmt, quantize_int8(weight.detach(), to_grid, min_bound), divisor
+    if amax.numel() != 1:
+        raise ConfigError(f"{where}: fp8 weights must be per-tensor (axis=None) for the torch engine")
+    to_grid, back = _fp8_scales(amax.reshape(()))
+    return fmt, quantize_fp8(weight.detach(), to_grid), back
+
+
+def _dequantize_weight(fmt, q, factor, dtype):
+    if fmt == "int8":
+        return (q.float() / factor).to(dtype)
+    return (q.float() * factor).to(dtype)
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+# ---------------------------------------------------------------- linears
+
+def int8_matmul(a, w):
+    """(m, k) int8 @ (n, k)^T int8 -> (m, n) int32 through torch._int_mm.
+
+    CPU takes any shape. cuBLASLt needs m > 16 and k, n multiples of 8: k and n are padded once at
+    build time (Int8Linear), and m is padded here with zero rows (a symbolic amount, so dynamic batch
+    exports without a guard) then sliced off.
+    """
+    if a.is_cuda:
+        rows = a.shape[0]
+        a = F.pad(a, (0, 0, 0, torch.sym_max(17 - rows, 0)))
+        return torch._int_mm(a, w.t())[:rows]
+    return torch._int_mm(a, w.t())
+
+
+class Int8Linear(nn.Module):
+    """INT8 weight (per-channel) x INT8 activation (per-tensor static) linear, int32 accumulate."""
+
+    def __init__(self, qlinear, where="linear"):
+        super().__init__()
+        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
+        self.act = StaticQuant.from_quantizer(qlinear.input_quantizer, f"{where}.input_quantizer")
+        fmt, wq, w_div = _weight_8bit(qlinear.weight, qlinear.weight_quantizer, f"{where}.weight_quantizer")
+        if fmt != "int8" or self.act.fmt != "int8":
+            raise ConfigError(f"{where}: Int8Linear needs int8 weight and input quantizers")
+        w_div = w_div.reshape(-1) if w_div.numel() > 1 else w_div.reshape(()).expand(self.out_features)
+        # Zero-pad k and n to multiples of 8 (cuBLASLt int8); zeros add nothing to the sums.
+        k_pad, n_pad = _round_up(self.in_features, 8), _round_up(self.out_features, 8)
+        self.register_buffer("weight", F.pad(wq, (0, k_pad - self.in_features, 0, n_pad - self.out_features)))
+        self.register_buffer("weight_divisor", w_div.clone())  # weight_int8 / divisor = fake-quant weight
+        # int32 sums -> float: one multiply by 1 / (act grid * weight grid) per output channel
+        grid = self.act.to_grid * w_div
+        self.register_buffer("out_scale", torch.where(grid == 0, torch.zeros_like(grid), 1 / grid))
+        self.register_buffer("bias", _copy_or_none(qlinear.bias))
+
+    def forward(self, x):
+        if self.act.pre_quant_scale is not None:
+            x = x * self.act.pre_quant_scale
+        lead = x.shape[:-1]
+        xq = self.act.quantize(x.reshape(-1, self.in_features))
+        if self.weight.shape[1] != self.in_features:
+            xq = F.pad(xq, (0, self.weight.shape[1] - self.in_features))
+        acc = int8_matmul(xq, self.weight)[:, : self.out_features]
+        out = acc.float() * self.out_scale
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    def dequantized_weight(self, dtype=torch.float32):
+        w = self.weight[: self.out_features, : self.in_features]
+        return _dequantize_weight("int8", w, self.weight_divisor[:, None], dtype)
+
+    def reference_forward(self, x):
+        """ModelOpt's fake-quant formula: linear(fakequant(x * pqs), fakequant(W)) + b."""
+        return F.linear(self.act(x), self.dequantized_weight(x.dtype), self.bias)
+
+
+class FP8Linear(nn.Module):
+    """FP8 e4m3 per-tensor weight x activation linear through torch._scaled_mm."""
+
+    def __init__(self, qlinear, where="linear"):
+        super().__init__()
+        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
+        self.act = StaticQuant.from_quantizer(qlinear.input_quantizer, f"{where}.input_quantizer")
+        fmt, wq, w_back = _weight_8bit(qlinear.weight, qlinear.weight_quantizer, f"{where}.weight_quantizer")
+        if fmt != "fp8" or self.act.fmt != "fp8":
+            raise ConfigError(f"{where}: FP8Linear needs fp8 (4, 3) weight and input quantizers")
+        # cuBLASLt fp8 wants k and n multiples of 16: pad once here (zeros are exact in e4m3).
+        k_pad, n_pad = _round_up(self.in_features, 16), _round_up(self.out_features, 16)
+        wq = F.pad(wq.view(torch.int8), (0, k_pad - self.in_features, 0, n_pad - self.out_features))
+        self.register_buffer("weight", wq.view(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", w_back.reshape(()).clone())  # 0-dim: export wants both
+        self.register_buffer("bias", _copy_or_none(qlinear.bias))
+
+    def forward(self, x):
+        if self.act.pre_quant_scale is not None:
+            x = x * self.act.pre_quant_scale
+        lead = x.shape[:-1]
+        xq = self.act.quantize(x.reshape(-1, self.in_features))
+        if self.weight.shape[1] != self.in_features:
+            xq = F.pad(xq.view(torch.int8), (0, self.weight.shape[1] - self.in_features)).view(xq.dtype)
+        rows = xq.shape[0]
+        if xq.is_cuda:  # some cuBLASLt versions also want m % 16 == 0; symbolic pad, no export guard
+            xq = F.pad(xq.view(torch.int8), (0, 0, 0, (-rows) % 16)).view(torch.float8_e4m3fn)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=self.act.back, scale_b=self.weight_scale,
+                               out_dtype=x.dtype)
+        out = out[:rows, : self.out_features]
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def dequantized_weight(self, dtype=torch.float32):
+        w = self.weight[: self.out_features, : self.in_features]
+        return _dequantize_weight("fp8", w, self.weight_scale, dtype)
+
+    def reference_forward(self, x):
+        return F.linear(self.act(x), self.dequantized_weight(x.dtype), self.bias)
+
+
+# ---------------------------------------------------------------- convolutions
+
+class QuantConv2d(nn.Module):
+    """Conv2d with an 8-bit stored weight (int8 per-channel or fp8 per-tensor) and a static
+    fake-quantized input. PyTorch has no 8-bit conv, so the conv runs in the compute dtype on the
+    dequantized weight (exact emulation); CONV_KERNELS is where real 8-bit kernels plug in."""
+
+    def __init__(self, qconv, where="conv"):
+        super().__init__()
+        if qconv.padding_mode != "zeros":
+            raise ConfigError(f"{where}: padding_mode {qconv.padding_mode!r} is not supported")
+        self.stride, self.padding = qconv.stride, qconv.padding
+        self.dilation, self.groups = qconv.dilation, qconv.groups
+        self.in_channels, self.out_channels = qconv.in_channels, qconv.out_channels
+        self.act = StaticQuant.from_quantizer(qconv.input_quantizer, f"{where}.input_quantizer")
+        self.fmt, wq, factor = _weight_8bit(qconv.weight, qconv.weight_quantizer, f"{where}.weight_quantizer")
+        self.register_buffer("weight", wq)
+        self.register_buffer("weight_factor", factor.clone())  # int8: divisor; fp8: multiplier
+        self.register_buffer("bias", _copy_or_none(qconv.bias))
+
+    def dequantized_weight(self, dtype=torch.float32):
+        return _dequantize_weight(self.fmt, self.weight, self.weight_factor, dtype)
+
+    def forward(self, x):
+        kernel = CONV_KERNELS.get((self.fmt, x.device.type))
+        if kernel is not None:
+            return kernel(self, x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x):
+        return F.conv2d(self.act(x), self.dequantized_weight(x.dtype), self.bias,
+                        self.stride, self.padding, self.dilation, self.groups)
+
+
+# ---------------------------------------------------------------- attention
+
+class QuantAttnProcessor:
+    """diffusers attention processor with static q/k/v (and softmax) quantize-dequantize.
+
+    ModelOpt's Attention plugin swaps F.scaled_dot_product_attention for a version that quantizes
+    q, k, v and runs plain SDPA: with the default AttnProcessor2_0 the softmax output is never
+    quantized. Only the bmm path (classic AttnProcessor) passes the softmax through its quantizer;
+    `quantize_softmax` reproduces that. The quantizers live on the Attention module as q_quant,
+    k_quant, v_quant and softmax_quant so that .to() and state_dict carry them.
+    """
+
+    def __init__(self, quantize_softmax=False):
+        self.quantize_softmax = quantize_softmax
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_layout = hidden_states.ndim == 4
+        if image_layout:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, context_len, _ = context.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+
+        def split_heads(t):
+            return t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = split_heads(query), split_heads(key), split_heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)
+        if self.quantize_softmax:
+            scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = attn.softmax_quant(scores.softmax(dim=-1).to(query.dtype))
+            hidden_states = torch.matmul(probs, value)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
+        if image_layout:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+# ---------------------------------------------------------------- conversion
+
+_ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer",
+                         "softmax_quantizer", "bmm2_output_quantizer")
+
+
+def _plain_linear(qlinear):
+    """nn.Linear with the same weights; a SmoothQuant scale is folded into the weight columns
+    (ModelOpt applies pre_quant_scale even when the input quantizer is disabled)."""
+    linear = nn.Linear(qlinear.in_features, qlinear.out_features, bias=qlinear.bias is not None,
+                       device=qlinear.weight.device, dtype=qlinear.weight.dtype)
+    weight = qlinear.weight.detach()
+    pqs = qlinear.input_quantizer.pre_quant_scale
+    if pqs is not None:
+        weight = weight * pqs.reshape(1, -1).to(weight.dtype)
+    linear.weight.data.copy_(weight)
+    if qlinear.bias is not None:
+        linear.bias.data.copy_(qlinear.bias.detach())
+    return linear
+
+
+def _plain_conv(qconv):
+    conv = nn.Conv2d(qconv.in_channels, qconv.out_channels, qconv.kernel_size, qconv.stride,
+                     qconv.padding, qconv.dilation, qconv.groups, qconv.bias is not None,
+                     qconv.padding_mode, device=qconv.weight.device, dtype=qconv.weight.dtype)
+    conv.weight.data.copy_(qconv.weight.detach())
+    if qconv.bias is not None:
+        conv.bias.data.copy_(qconv.bias.detach())
+    if qconv.input_quantizer.pre_quant_scale is not None:
+        raise ConfigError("a disabled conv quantizer with a pre_quant_scale is not supported")
+    return conv
+
+
+def _both_or_neither(module, where):
+    inp, wt = module.input_quantizer.is_enabled, module.weight_quantizer.is_enabled
+    if inp != wt:
+        raise ConfigError(f"{where}: input quantizer enabled={inp} but weight quantizer enabled={wt}; "
+                          "the torch engine converts layers with both or neither")
+    if module.output_quantizer.is_enabled:
+        raise ConfigError(f"{where}: output quantizers are not supported by the torch engine")
+    return inp
+
+
+def _strip_modelopt(module):
+    """Turn a ModelOpt dynamic module back into its original class, without its quantizers."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    module = module.export()
+    for name, child in list(module.named_children()):
+        if isinstance(child, TensorQuantizer):
+            delattr(module, name)
+    return module
+
+
+class InputQuantized(nn.Module):
+    """A module whose input is statically fake-quantized (e.g. a LayerNorm input quantizer)."""
+
+    def __init__(self, module, act):
+        super().__init__()
+        self.module, self.act = module, act
+
+    def forward(self, x, *args, **kwargs):
+        return self.module(self.act(x), *args, **kwargs)
+
+
+def _convert_attention(module, where, counts):
+    """Kept as a diffusers Attention; FP8 (or int8) static q/k/v quantizers move onto it."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    quantizers = {n: getattr(module, n) for n in _ATTENTION_QUANTIZERS}
+    if quantizers["bmm2_output_quantizer"].is_enabled:
+        raise ConfigError(f"{where}: bmm2_output_quantizer is not supported by the torch engine")
+    qkv = [quantizers[n] for n in _ATTENTION_QUANTIZERS[:3]]
+    enabled = [q.is_enabled for q in qkv]
+    # The softmax quantizer only acts on the bmm path (classic AttnProcessor), as in ModelOpt.
+    quantize_softmax = quantizers["softmax_quantizer"].is_enabled and type(module.processor) is AttnProcessor
+    built = {}
+    if all(enabled):
+        for short, q in zip(("q", "k", "v"), qkv):
+            built[f"{short}_quant"] = StaticQuant.from_quantizer(q, f"{where}.{short}_bmm_quantizer")
+        if quantize_softmax:
+            built["softmax_quant"] = StaticQuant.from_quantizer(quantizers["softmax_quantizer"],
+                                                                f"{where}.softmax_quantizer")
+    elif any(enabled):
+        raise ConfigError(f"{where}: q/k/v bmm quantizers must be enabled together (got {enabled})")
+    plain = _strip_modelopt(module)
+    if built:
+        for name, quant in built.items():
+            plain.add_module(name, quant)
+        plain.set_processor(QuantAttnProcessor(quantize_softmax=quantize_softmax))
+        counts[f"attention_{built['q_quant'].fmt}"] += 1
+        if quantize_softmax:
+            counts["softmax_quantized"] += 1
+    return plain
+
+
+def _convert_module(module, where, counts):
+    """The replacement for one ModelOpt module (children already converted)."""
+    from modelopt.torch.quantization.nn import QuantModule
+
+    if not isinstance(module, QuantModule):
+        return module
+    if isinstance(module, nn.Linear) and hasattr(module, "weight_quantizer"):
+        if not _both_or_neither(module, where):
+            counts["linear_kept"] += 1
+            return _plain_linear(module)
+        fmt = quantizer_format(module.weight_quantizer, where)
+        counts[f"linear_{fmt}"] += 1
+        return Int8Linear(module, where) if fmt == "int8" else FP8Linear(module, where)
+    if isinstance(module, nn.Conv2d) and hasattr(module, "weight_quantizer"):
+        if not _both_or_neither(module, where):
+            counts["conv_kept"] += 1
+            return _plain_conv(module)
+        real = QuantConv2d(module, where)
+        counts[f"conv_{real.fmt}"] += 1
+        return real
+    if hasattr(module, "q_bmm_quantizer"):
+        return _convert_attention(module, where, counts)
+    # Any other quantized module (LayerNorm, pooling ...): keep it, emulate its input quantizer.
+    inp = getattr(module, "input_quantizer", None)
+    act = StaticQuant.from_quantizer(inp, f"{where}.input_quantizer") if inp is not None and inp.is_enabled else None
+    plain = _strip_modelopt(module)
+    if act is None:
+        return plain
+    counts["input_quant_emulated"] += 1
+    return InputQuantized(plain, act)
+
+
+def _convert_tree(parent, prefix, counts):
+    for name, child in list(parent.named_children()):
+        where = f"{prefix}{name}"
+        _convert_tree(child, f"{where}.", counts)
+        new = _convert_module(child, where, counts)
+        if new is not child:
+            setattr(parent, name, new)
+
+
+def remaining_modelopt_modules(model):
+    """Names of ModelOpt modules still in `model` (none after convert_to_real_quant)."""
+    return [name for name, m in model.named_modules() if type(m).__module__.startswith("modelopt.")]
+
+
+@torch.no_grad()
+def convert_to_real_quant(unet):
+    """Replace every ModelOpt quantized module of `unet` in place with real 8-bit modules.
+
+    Enabled Linear -> Int8Linear / FP8Linear, Conv2d -> QuantConv2d, Attention q/k/v quantizers ->
+    QuantAttnProcessor; disabled ones become plain nn.Linear / nn.Conv2d / Attention. Returns
+    (unet, counts by kind), e.g. {"linear_int8": 30, "conv_int8": 20, "linear_kept": 2, ...}.
+    """
+    counts = Counter()
+    _convert_tree(unet, "", counts)
+    left = remaining_modelopt_modules(unet)
+    if left:
+        raise ConfigError(f"ModelOpt modules the torch engine cannot convert: {left[:5]}")
+    if hasattr(unet, "_modelopt_state"):  # mto's bookkeeping; the model is no longer a ModelOpt model
+        del unet._modelopt_state
+    return unet, dict(sorted(counts.items()))
