@@ -100,13 +100,16 @@ def export_settings(config, model, precision):
 
 def engine_settings(config, model, precision):
     engine = merged(config, model, "engine")
-    return dict(engine, precision=precision, pipeline=config["models"][model]["pipeline"],
-                resolution=config["models"][model]["resolution"],
-                optimization_level=engine["optimization_level"][precision] if precision in engine["optimization_level"] else 3)
+    return {"backend": engine["backend"], "batch": engine["batch"], "resolution_range": engine["resolution"],
+            "optimization_level": engine["optimization_level"].get(precision, 3),
+            "timing_cache": engine["timing_cache"], "precision": precision,
+            "pipeline": config["models"][model]["pipeline"], "resolution": config["models"][model]["resolution"],
+            # diffusers runs classifier-free guidance (UNet batch doubled) only when guidance > 1
+            "guidance": merged(config, model, "bench")["guidance"] > 1}
 
 
 def bench_settings(config, model, precision):
-    return dict(merged(config, model, "bench"), precision=precision, quant_level=quant_level(config, precision),
+    return dict(merged(config, model, "bench"), model=model, precision=precision, quant_level=quant_level(config, precision),
                 pipeline=config["models"][model]["pipeline"], resolution=config["models"][model]["resolution"])
 
 

@@ -51,6 +51,8 @@ def run_export(model_dir, ckpt, calib_record, settings, onnx_path, record_path, 
     unet = prepared_unet(model_dir, ckpt, precision, level)
     dtype = next(unet.parameters()).dtype
     example = unet_example_inputs(unet, EXPORT_BATCH, settings["resolution"], dtype, "cpu")
+    # One timestep for the whole batch, shape [1]: what TensorRT's profile expects (a static input).
+    example["timestep"] = example["timestep"][:1]
     info = export_unet(unet, pipeline, example, settings["opset"], onnx_path, log)
 
     graph = load_onnx(onnx_path)

@@ -9,12 +9,12 @@ from .arch import arch_component, arch_names, arch_spec, arch_unet
 from .builtin import BUILTINS, TINY_XL
 from .inputs import (UNET_INPUT_NAMES, flatten_unet_inputs, unet_example_inputs, unet_kind,
                      unflatten_unet_inputs)
-from .loading import INFO_FILE, component_parameters, load_pipeline, read_model_info
+from .loading import INFO_FILE, component_parameters, load_pipeline, load_unet, read_model_info
 from .stage import materialize
 from .tokenizer import load_tokenizer
 
 __all__ = [
     "BUILTINS", "INFO_FILE", "TINY_XL", "UNET_INPUT_NAMES", "arch_component", "arch_names", "arch_spec",
-    "arch_unet", "component_parameters", "flatten_unet_inputs", "load_pipeline", "load_tokenizer",
+    "arch_unet", "component_parameters", "flatten_unet_inputs", "load_pipeline", "load_unet", "load_tokenizer",
     "materialize", "read_model_info", "unet_example_inputs", "unet_kind", "unflatten_unet_inputs",
 ]

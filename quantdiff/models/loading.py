@@ -80,3 +80,18 @@ def load_pipeline(model_dir, dtype=torch.float32, device="cpu"):
         raise
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def load_unet(model_dir, dtype=torch.float32, device="cpu"):
+    """Only the UNet of a model folder (export and engines need nothing else)."""
+    from diffusers import UNet2DConditionModel
+
+    model_dir = Path(model_dir)
+    check_pipeline_folder(model_dir, f"model folder {model_dir}")
+    variant = read_model_info(model_dir).get("variant")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype,
+                                                    local_files_only=True, variant=variant)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise CorruptArtifactError(model_dir / "unet", f"diffusers could not load it: {type(err).__name__}: {err}") from err
+    return unet.to(device).eval()

@@ -94,3 +94,9 @@ def bench_targets(wildcards=None):
 
 def all_targets(wildcards):
     return ["results/summary.md"]
+
+
+def data_files(*names):
+    """Package data folders (architecture configs, tokenizer) a rule reads."""
+    root = Path(workflow.basedir) / "quantdiff" / "data"
+    return [os.path.relpath(f) for name in names for f in sorted((root / name).rglob("*")) if f.is_file()]

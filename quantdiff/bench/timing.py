@@ -1,0 +1,58 @@
+"""Latency and memory measurement: CUDA events on the GPU, perf_counter on the CPU."""
+import time
+
+import torch
+
+from ..metrics import summarize_latency
+
+
+def timing_method(device):
+    return "cuda-events" if device == "cuda" else "perf_counter"
+
+
+@torch.no_grad()
+def time_calls(fn, warmup, iters, device):
+    """Milliseconds of each of `iters` calls of fn(), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1000)
+    return summarize_latency(samples)
+
+
+class PeakMemory:
+    """Peak GPU memory of one phase: what it allocated at its peak, plus the weights it brought.
+
+    Other models may be resident at the same time (the bench keeps the fp16 UNet for quality),
+    so the phase's own footprint is (peak - allocated before) + its weight bytes.
+    """
+
+    def __init__(self, device, weight_bytes):
+        self.device, self.weight_bytes, self.mb = device, weight_bytes, None
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda" and exc[0] is None:
+            torch.cuda.synchronize()
+            self.mb = round((torch.cuda.max_memory_allocated() - self.before + self.weight_bytes) / 2**20, 1)
+
+
+def module_bytes(module):
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
