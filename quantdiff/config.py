@@ -31,7 +31,8 @@ def validate_config(config, root=".", schema=SCHEMA):
     try:
         validate(config, str(schema), set_default=True)
     except WorkflowError as err:
-        cause = next((a for a in err.args if isinstance(a, jsonschema.ValidationError)), None)
+        candidates = [*err.args, err.__cause__, err.__context__]
+        cause = next((a for a in candidates if isinstance(a, jsonschema.ValidationError)), None)
         if cause is None:
             raise ConfigError(f"config is invalid: {err}") from None
         # The deepest error says most: "'int9' is not one of ..." beats "not valid under any".

@@ -18,6 +18,21 @@ def module_path(node_name):
     return ".".join(parts[1:-1])  # drop the wrapper's attribute ('unet') and the op name
 
 
+# FP8 attention places Cast/Transpose/Mul (the softmax scale) between its DQ and the MatMul.
+TRANSPARENT_OPS = {"Cast", "Transpose", "Mul", "Reshape"}
+
+
+def _fed_by_dequantize(tensor, producer, depth=4):
+    node = producer.get(tensor)
+    while node is not None and depth > 0:
+        if node.op_type in DEQUANTIZE_OPS:
+            return True
+        if node.op_type not in TRANSPARENT_OPS:
+            return False
+        node, depth = producer.get(node.input[0]), depth - 1
+    return False
+
+
 def quantized_compute_nodes(model):
     """{node name: (module path, kind)} for every Conv/MatMul/Gemm fed by a dequantize node."""
     producer = {out: node for node in model.graph.node for out in node.output}
@@ -25,7 +40,7 @@ def quantized_compute_nodes(model):
     for node in model.graph.node:
         if node.op_type not in COMPUTE_OPS:
             continue
-        if not any(producer.get(i) is not None and producer[i].op_type in DEQUANTIZE_OPS for i in node.input):
+        if not any(_fed_by_dequantize(i, producer) for i in node.input):
             continue
         path = module_path(node.name)
         leaf = path.rsplit(".", 1)[-1]

@@ -3,6 +3,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import torch
 
 from ..errors import CorruptArtifactError
 from ..io import read_json, write_json
@@ -26,10 +27,18 @@ def prepared_unet(model_dir, ckpt, precision, quant_level):
     from ..models import load_unet
     from ..quant.calibrate import restore_calibrated_unet
 
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
     unet = load_unet(model_dir)
     if ckpt:
         restore_calibrated_unet(unet, ckpt)
-    return unet.to(export_dtype(precision, quant_level)).eval()
+    dtype = export_dtype(precision, quant_level)
+    if dtype == torch.float16:
+        # Q/DQ nodes cast around 16-bit tensors: the pattern TensorRT fuses into FP8 MHA.
+        for module in unet.modules():
+            if isinstance(module, TensorQuantizer):
+                module.trt_high_precision_dtype = "Half"
+    return unet.to(dtype).eval()
 
 
 def ort_error(path, wrapper, positional, pipeline, fp8):

@@ -1,0 +1,80 @@
+"""Bad configs stop with one message naming the key, before any job runs."""
+import copy
+
+import pytest
+import yaml
+
+from quantdiff.config import (calibration_settings, engine_settings, validate_config)
+from quantdiff.errors import ConfigError
+
+from workflow_helpers import ROOT, copy_project, snakemake
+
+
+@pytest.fixture
+def config():
+    return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+
+
+def test_shipped_config_is_valid_and_defaults_filled(config):
+    validated = validate_config(config, root=ROOT)
+    assert validated["calibration"]["alpha"] == 0.8
+    assert validated["calibration"]["n_steps"] == 20
+    assert validated["calibration"]["batch_size"] == 2
+    assert validated["precisions"] == {"int8": {"quant_level": 3}, "fp8": {"quant_level": 4}}
+    assert set(validated["models"]) == {"tiny-xl", "xl-1.0", "xl-turbo", "1.5", "2.1", "xl-1.0-arch"}
+
+
+def test_defaults_fill_a_minimal_config():
+    minimal = {"models": {"tiny-xl": {"pipeline": "sdxl", "source": "builtin:tiny-xl", "resolution": 64}}}
+    validated = validate_config(minimal, root=ROOT)
+    assert validated["export"] == {"opset": 19, "fp8_standard_qdq": False}
+    assert validated["engine"]["optimization_level"] == {"fp16": 3, "int8": 4, "fp8": 4}
+    assert validated["calibration"]["percentile"] == 1.0
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(calibraton={}), "'calibraton' was unexpected"),
+    (lambda c: c["calibration"].update(alpah=0.5), "config key 'calibration': Additional properties are not allowed ('alpah'"),
+    (lambda c: c["precisions"].update(int4={"quant_level": 3}), "'int4' was unexpected"),
+    (lambda c: c["precisions"]["int8"].update(quant_level=5), "config key 'precisions.int8.quant_level': 5 is not one of [1, 2, 2.5, 3, 4]"),
+    (lambda c: c["precisions"]["int8"].update(quant_level=4), "level 4 adds FP8 attention and exists for fp8 only"),
+    (lambda c: c["calibration"].update(percentile=0), "config key 'calibration.percentile': 0 is less than or equal to the minimum of 0"),
+    (lambda c: c["calibration"].update(percentile=1.5), "config key 'calibration.percentile': 1.5 is greater than the maximum of 1"),
+    (lambda c: c["calibration"].update(prompts="config/prompts/nope.txt"), "config key 'calibration.prompts': prompt file 'config/prompts/nope.txt' does not exist"),
+    (lambda c: c["build"].update(models=["xl-2.0"]), "config key 'build.models': unknown model 'xl-2.0'"),
+    (lambda c: c["models"]["tiny-xl"].update(pipeline="sd3"), "config key 'models.tiny-xl.pipeline': 'sd3' is not one of ['sdxl', 'sd']"),
+    (lambda c: c["engine"].update(backend="onnxruntime"), "config key 'engine.backend'"),
+    (lambda c: c["engine"].update(batch={"min": 4, "opt": 2, "max": 8}), "config key 'engine.batch': needs min <= opt <= max"),
+])
+def test_bad_config_names_the_key(config, edit, message):
+    bad = copy.deepcopy(config)
+    edit(bad)
+    with pytest.raises(ConfigError) as err:
+        validate_config(bad, root=ROOT)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)  # one line, not a schema dump
+
+
+def test_per_model_overrides_apply_to_that_model_only(config):
+    validated = validate_config(config, root=ROOT)
+    assert calibration_settings(validated, "xl-turbo", "int8")["n_steps"] == 4
+    assert calibration_settings(validated, "xl-1.0", "int8")["n_steps"] == 20
+    engine = engine_settings(validated, "xl-turbo", "fp8")
+    assert engine["guidance"] is False and engine["optimization_level"] == 4
+
+
+def test_snakemake_stops_before_any_job(tmp_path):
+    """Through the real CLI: the message, a non-zero exit, and nothing built."""
+    work = copy_project(tmp_path)
+    proc = snakemake(work, "results/tiny-xl/int8/calib.pt", config=["precisions={int8: {quant_level: 4}}"], check=False)
+    assert proc.returncode != 0
+    assert "level 4 adds FP8 attention and exists for fp8 only" in proc.stdout
+    assert not (work / "resources").exists() and not (work / "results").exists()
+
+
+def test_unknown_model_or_precision_target_is_refused(tmp_path):
+    work = copy_project(tmp_path)
+    for target in ("results/xl-9/int8/calib.pt", "results/tiny-xl/int4/calib.pt"):
+        proc = snakemake(work, "--dry-run", target, check=False)
+        assert proc.returncode != 0
+        assert "MissingRuleException" in proc.stdout or "No rule to produce" in proc.stdout
