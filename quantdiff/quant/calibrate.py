@@ -1,6 +1,7 @@
 """Calibration: run the real diffusers pipeline over calibration prompts, let ModelOpt observe the
 UNet at every denoising step, and save the calibrated (fake-quant) UNet with its record."""
 import time
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -54,12 +55,16 @@ def quantize_unet(pipe, settings, log=print):
     log(f"calibrating {precision} level {level}: {count_by_kind(layers)} layers, "
         f"{len(attention)} FP8 attention blocks, {len(prompts)} prompts x {settings['n_steps']} steps")
     hook = unet.register_forward_pre_hook(STEP_CLOCK.tick)
+    progress = tqdm(total=len(prompts) * settings["n_steps"], desc="calibrate (prompt x step)", unit="step")
     try:
-        with tqdm(total=len(prompts) * settings["n_steps"], desc="calibrate (prompt x step)", unit="step") as bar:
+        with warnings.catch_warnings():
+            # Excluded linears are disabled on purpose; ModelOpt warns about each one.
+            warnings.filterwarnings("ignore", message=".*is not calibrated, skip smoothing")
             mtq.quantize(unet, quant_config(precision, layers, attention, settings),
-                         forward_loop=calibration_loop(pipe, prompts, settings, bar))
+                         forward_loop=calibration_loop(pipe, prompts, settings, progress))
     finally:
         hook.remove()
+        progress.close()
     return layers, attention
 
 
@@ -124,5 +129,5 @@ def restore_calibrated_unet(unet, ckpt_path):
 
     try:
         return mto.restore(unet, str(ckpt_path))
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError) as err:
         raise CorruptArtifactError(ckpt_path, f"{type(err).__name__}: {err}") from err

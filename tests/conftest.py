@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # workflow_helpers
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_XL = {"pipeline": "sdxl", "source": "builtin:tiny-xl", "resolution": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_dir(tmp_path_factory):
+    """The embedded tiny-xl pipeline, materialized once per test session."""
+    from quantdiff.models import materialize
+
+    out = tmp_path_factory.mktemp("models") / "tiny-xl"
+    materialize("tiny-xl", TINY_XL, out)
+    return out
+
+
+def quick_settings(precision, level, **overrides):
+    """Calibration settings small enough for tests (2 prompts x 4 steps)."""
+    settings = {"prompts": str(ROOT / "config/prompts/calibration.txt"), "calib_size": 2, "batch_size": 2,
+                "n_steps": 4, "guidance": 5.0, "seed": 0, "percentile": 1.0, "collect_method": "min-mean",
+                "alpha": 0.8, "exclude": "(time_embedding|add_embedding|conv_in|conv_out|conv_shortcut|time_emb_proj)",
+                "precision": precision, "quant_level": level, "pipeline": "sdxl", "resolution": 64}
+    return settings | overrides

@@ -1,0 +1,172 @@
+"""Quant levels, the step-range percentile calibrator, calibration records and save/restore."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from quantdiff.errors import ConfigError, CorruptArtifactError
+from quantdiff.quant.calibrators import StepClock, StepRangePercentileCalibrator, step_range_amax
+from quantdiff.quant.levels import check_level, count_by_kind, fp8_attention_layers, quantized_layers
+
+from conftest import quick_settings
+
+EXCLUDE = "(time_embedding|add_embedding|conv_in|conv_out|conv_shortcut|time_emb_proj)"
+NEVER = ("conv_in", "conv_out", "conv_shortcut", "time_embedding", "add_embedding", "time_emb_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny_unet(tiny_xl_dir):
+    from quantdiff.models import load_unet
+
+    return load_unet(tiny_xl_dir)
+
+
+@pytest.fixture(scope="module")
+def sdxl_meta_unet():
+    from quantdiff.models import arch_unet
+
+    return arch_unet("sdxl-base-1.0", device="meta")
+
+
+# tiny-xl: 2 + 3 + 3 resnets' convs plus resamplers; 8 transformer blocks (ff: 2 linears,
+# attn1/attn2: 3 projections each, to_out) and 3 transformer models (proj_in, proj_out).
+TINY_XL_COUNTS = {1: {"conv": 26}, 2: {"conv": 26, "ff": 24}, 2.5: {"conv": 26, "ff": 24, "qkv": 72},
+                  3: {"conv": 26, "ff": 24, "qkv": 72, "linear": 36}}
+# SDXL base: 70 transformer blocks in 11 transformer models; 19 resnets (38 convs) less
+# shortcuts, plus 2 downsamplers and 2 upsamplers.
+SDXL_COUNTS = {1: {"conv": 38}, 2: {"conv": 38, "ff": 140}, 2.5: {"conv": 38, "ff": 140, "qkv": 420},
+               3: {"conv": 38, "ff": 140, "qkv": 420, "linear": 162}}
+
+
+@pytest.mark.parametrize("level", [1, 2, 2.5, 3, 4])
+def test_tiny_xl_layer_sets(tiny_unet, level):
+    layers = quantized_layers(tiny_unet, level, EXCLUDE)
+    assert count_by_kind(layers) == TINY_XL_COUNTS[min(level, 3)]
+    assert not [n for n in layers if any(word in n for word in NEVER)]
+    assert all(isinstance(tiny_unet.get_submodule(n), nn.Conv2d) == (k == "conv") for n, k in layers.items())
+
+
+@pytest.mark.parametrize("level", [1, 2, 2.5, 3, 4])
+def test_sdxl_layer_sets_on_meta(sdxl_meta_unet, level):
+    layers = quantized_layers(sdxl_meta_unet, level, EXCLUDE)
+    assert count_by_kind(layers) == SDXL_COUNTS[min(level, 3)]
+    assert len(fp8_attention_layers(sdxl_meta_unet, level)) == (140 if level == 4 else 0)
+
+
+def test_level_kinds_are_exact(tiny_unet):
+    """Level 2.5 adds exactly to_q/to_k/to_v; level 2 exactly the ff linears."""
+    l2, l25 = quantized_layers(tiny_unet, 2, EXCLUDE), quantized_layers(tiny_unet, 2.5, EXCLUDE)
+    added = set(l25) - set(l2)
+    assert {n.rsplit(".", 1)[1] for n in added} == {"to_q", "to_k", "to_v"}
+    assert {n.split(".ff.", 1)[1] for n, k in l2.items() if k == "ff"} == {"net.0.proj", "net.2"}
+
+
+def test_fp8_attention_needs_head_dim_multiple_of_16():
+    from diffusers.models.attention_processor import Attention
+
+    holder = nn.Module()
+    holder.wide = Attention(query_dim=64, heads=4, dim_head=16)   # head_dim 16: kept
+    holder.narrow = Attention(query_dim=64, heads=8, dim_head=8)  # head_dim 8: left in fp16
+    assert fp8_attention_layers(holder, 4) == ["wide"]
+    assert fp8_attention_layers(holder, 3) == []
+
+
+def test_level_errors():
+    with pytest.raises(ConfigError, match="exists for fp8 only"):
+        check_level(4, "int8")
+    with pytest.raises(ConfigError, match="quant level 5 does not exist"):
+        check_level(5, "fp8")
+
+
+# Per-step amax of one quantizer over two calibration batches, hand-made.
+PER_STEP = {0: [3.0, 5.0], 1: [4.0, 2.0], 2: [1.0, 1.0], 3: [10.0, 10.0]}
+
+
+@pytest.mark.parametrize("percentile, method, expected", [
+    (0.5, "min-mean", 3.0),   # steps 0,1: means 4, 3 -> min 3
+    (0.5, "min-max", 4.0),    # maxes 5, 4 -> min 4
+    (0.5, "mean-max", 4.5),   # maxes 5, 4 -> mean 4.5
+    (0.5, "max-max", 5.0),
+    (1.0, "min-mean", 1.0),   # all four steps: means 4, 3, 1, 10 -> 1
+    (0.25, "min-mean", 4.0),  # ceil(0.25 * 4) = 1 step
+    (0.3, "min-mean", 3.0),   # ceil(1.2) = 2 steps
+    (1.0, "max-max", 10.0),   # the plain max calibrator's answer
+])
+def test_step_range_amax_hand_values(percentile, method, expected):
+    per_step = {s: [torch.tensor(v) for v in values] for s, values in PER_STEP.items()}
+    assert step_range_amax(per_step, 4, percentile, method).item() == pytest.approx(expected)
+
+
+def test_calibrator_collects_by_clock_step():
+    clock = StepClock()
+    calib = StepRangePercentileCalibrator(num_bits=8, axis=None, n_steps=4, percentile=0.5,
+                                          collect_method="min-mean", clock=clock)
+    for batch in range(2):
+        clock.start_image()
+        for step in range(4):
+            clock.tick()
+            x = torch.zeros(2, 3, 4, 4)
+            x[0, 0, 0, 0] = -PER_STEP[step][batch]  # abs max is what counts
+            calib.collect(x)
+    assert sorted(calib.per_step) == [0, 1, 2, 3]
+    assert calib.compute_amax().item() == pytest.approx(3.0)
+    assert calib._calib_amax.item() == pytest.approx(10.0)  # the global max it replaces
+    calib.reset()
+    assert calib.per_step == {}
+
+
+def test_calibrator_rejects_unknown_method():
+    with pytest.raises(ValueError, match="collect_method"):
+        StepRangePercentileCalibrator(collect_method="median")
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_xl_dir, tmp_path_factory):
+    from quantdiff.quant.calibrate import calibrate
+
+    out = tmp_path_factory.mktemp("calib")
+    record = calibrate(tiny_xl_dir, quick_settings("int8", 3), out / "calib.pt", out / "calib.json", log=lambda *a: None)
+    return out, record
+
+
+def test_calibration_record(calibrated):
+    out, record = calibrated
+    assert record["counts"] == {"conv": 26, "ff": 24, "qkv": 72, "linear": 36, "fp8_attention": 0}
+    assert len(record["layers"]) == 158 and (out / "calib.json").is_file()
+    conv = record["layers"]["down_blocks.0.resnets.0.conv1"]
+    assert conv["kind"] == "conv" and len(conv["input_amax_by_step"]) == 4
+    # percentile 1.0, min-mean, one batch per step: amax is the smallest per-step amax.
+    assert conv["input_amax"] == pytest.approx(min(conv["input_amax_by_step"]), rel=1e-6)
+    assert conv["input_amax"] <= conv["input_amax_global_max"]
+    q = record["layers"]["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert q["kind"] == "qkv" and q["smoothquant"] is True and q["weight_amax_channels"] == 64
+    assert record["settings"]["alpha"] == 0.8
+
+
+def test_restore_is_bit_identical(calibrated, tiny_xl_dir):
+    from quantdiff.models import load_unet, unet_example_inputs
+    from quantdiff.quant.calibrate import restore_calibrated_unet
+
+    out, _ = calibrated
+    first, second = load_unet(tiny_xl_dir), load_unet(tiny_xl_dir)
+    restore_calibrated_unet(first, out / "calib.pt")
+    restore_calibrated_unet(second, out / "calib.pt")
+    x = unet_example_inputs(first, 2, 64)
+    with torch.no_grad():
+        a, b = first(**x).sample, second(**x).sample
+        plain = load_unet(tiny_xl_dir)(**x).sample
+    assert torch.equal(a, b)
+    assert not torch.equal(a, plain)  # the fake quant is really there
+    assert 0 < (a - plain).norm() / plain.norm() < 0.2
+
+
+def test_truncated_checkpoint_is_a_clear_error(calibrated, tiny_xl_dir, tmp_path):
+    from quantdiff.models import load_unet
+    from quantdiff.quant.calibrate import restore_calibrated_unet
+
+    out, _ = calibrated
+    broken = tmp_path / "calib.pt"
+    broken.write_bytes((out / "calib.pt").read_bytes()[:5000])
+    with pytest.raises(CorruptArtifactError, match=r"calib.pt is corrupt or incomplete.*Delete it and rerun"):
+        restore_calibrated_unet(load_unet(tiny_xl_dir), broken)
