@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = "results/tiny-xl/int8/calib.pt"
 MODEL = Path("resources/models/tiny-xl")
 # 8x the prompts and 2.5x the steps of the default: minutes of calibration on 2 cores, far past
-# the 1-minute limit (Slurm's smallest: it counts whole minutes).
-SLOW_CALIBRATION = "calibration={calib_size: 64, n_steps: 50}"
+# the 1-minute limit (Slurm's smallest: it counts whole minutes). A --configfile, merged over
+# config/config.yaml (`--config calibration={...}` would hand the schema strings, not integers).
+SLOW_CALIBRATION = "calibration:\n  calib_size: 64\n  n_steps: 50\n"
 
 
 @pytest.fixture(scope="session")
@@ -122,9 +123,11 @@ def test_time_limit_leaves_no_complete_output_and_rerun_resumes(cluster, workdir
 
     # 1. A calibration that needs minutes, under a 1-minute limit: Slurm kills it.
     start = time.monotonic()
-    run = snakemake(workdir, "--config", SLOW_CALIBRATION, "--set-resources", "calibrate:runtime=1",
+    # (the target goes first: --configfile and --set-resources take every word after them)
+    (workdir / "slow.yaml").write_text(SLOW_CALIBRATION)
+    run = snakemake(workdir, TARGET, "--configfile", "slow.yaml", "--set-resources", "calibrate:runtime=1",
                     "calibrate:gpu=0", f"calibrate:cpus_per_task={cluster.cpus}", "calibrate:mem_mb=4000",
-                    TARGET, timeout=400)
+                    timeout=400)
     killed_after = time.monotonic() - start
     assert run.returncode != 0, run.stderr[-3000:]
     (job_id,) = set(slurm_jobs(workdir, "calibrate")) - before

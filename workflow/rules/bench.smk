@@ -11,6 +11,8 @@ rule reference:
         "logs/{model}/reference.log",
     resources:
         gpu=1,
+    conda:
+        "../envs/quantdiff.yaml"
     script:
         "../scripts/reference.py"
 
@@ -48,6 +50,8 @@ rule bench:
         "benchmarks/{model}/{precision}/bench.tsv"
     resources:
         gpu=1,
+    conda:
+        "../envs/quantdiff.yaml"
     script:
         "../scripts/bench.py"
 
@@ -61,5 +65,7 @@ rule summary:
         html=report("results/summary.html", caption="../report/summary.rst", category="Summary"),
     log:
         "logs/summary.log",
+    conda:
+        "../envs/quantdiff.yaml"
     script:
         "../scripts/summary.py"

@@ -14,5 +14,7 @@ rule calibrate:
         "benchmarks/{model}/{quant}/calibrate.tsv"
     resources:
         gpu=1,
+    conda:
+        "../envs/quantdiff.yaml"
     script:
         "../scripts/calibrate.py"

@@ -16,6 +16,8 @@ rule engine_tensorrt:
         "benchmarks/{model}/{precision}/engine_tensorrt.tsv"
     resources:
         gpu=1,
+    conda:
+        "../envs/tensorrt.yaml"
     script:
         "../scripts/engine_tensorrt.py"
 
@@ -36,5 +38,7 @@ rule engine_torch:
         "benchmarks/{model}/{precision}/engine_torch.tsv"
     resources:
         gpu=1,
+    conda:
+        "../envs/quantdiff.yaml"
     script:
         "../scripts/engine_torch.py"

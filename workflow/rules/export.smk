@@ -14,5 +14,7 @@ rule export:
         "benchmarks/{model}/{precision}/export.tsv"
     resources:
         mem_mb=16000,
+    conda:
+        "../envs/quantdiff.yaml"
     script:
         "../scripts/export.py"

@@ -9,5 +9,7 @@ rule model:
         "logs/{model}/model.log",
     benchmark:
         "benchmarks/{model}/model.tsv"
+    conda:
+        "../envs/quantdiff.yaml"
     script:
         "../scripts/model.py"

@@ -1,0 +1,142 @@
+"""The workflow end to end on tiny-xl, in a scratch copy: the main job, staleness, corrupt inputs."""
+import json
+import os
+import shutil
+
+import pytest
+
+from quantdiff.bench.schema import load_bench
+
+from workflow_helpers import copy_project, planned_jobs, snakemake
+
+MAIN = "results/tiny-xl/int8/bench.json"
+ONNX = "results/tiny-xl/int8/unet.onnx"
+FAST = """
+calibration: {calib_size: 2, n_steps: 4}
+bench: {n_prompts: 2, steps: 4, iters: 2, warmup: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A project copy where the main job (plus the INT8 ONNX) has been built once, small."""
+    work = copy_project(tmp_path_factory.mktemp("project"))
+    (work / "fast.yaml").write_text(FAST)
+    snakemake(work, "--configfile", "config/config.yaml", "fast.yaml", "--", MAIN, ONNX)
+    return work
+
+
+def jobs(work, *targets, overlay=None):
+    files = ["config/config.yaml", "fast.yaml"]
+    if overlay:
+        (work / "overlay.yaml").write_text(overlay)
+        files.append("overlay.yaml")
+    return planned_jobs(work, "--configfile", *files, "--", *(targets or (MAIN, ONNX)))
+
+
+@pytest.mark.slow
+def test_main_job_outputs(work):
+    record = load_bench(work / MAIN)  # validates against the schema
+    assert record["model"] == "tiny-xl" and record["precision"] == "int8" and record["quant_level"] == 3
+    assert record["backend"] == "torch" and record["timing_method"] == "perf_counter"
+    assert record["shapes"] == {"batch": 1, "resolution": 64, "steps": 4, "guidance": 5.0}
+    assert record["unet_step_ms"]["n"] == 2 and record["unet_step_ms"]["median"] > 0
+    assert record["baseline"]["name"] == "torch.compile fp32 (CPU)"
+    assert record["speedup_vs_baseline"]["unet"] == pytest.approx(
+        record["baseline"]["unet_step_ms"]["median"] / record["unet_step_ms"]["median"], rel=1e-3)
+    quality = record["quality"]
+    assert quality["meaningful"] is True and len(quality["psnr_db"]) == 2 and len(quality["sqnr_db_by_step"]) == 4
+    assert 15 < quality["psnr_db_mean"] < 100 and 0.5 < quality["ssim_mean"] <= 1
+    for name in ("grid.png", "sqnr.png", "images/000.png", "images/001.png", "calib.json", "export.json"):
+        assert (work / "results/tiny-xl/int8" / name).is_file(), name
+    assert (work / "results/tiny-xl/reference/manifest.json").is_file()
+    assert json.loads((work / "results/tiny-xl/int8/export.json").read_text())["layers_by_kind"] == {
+        "conv": 26, "ff": 24, "qkv": 72, "linear": 36}
+    assert not list(work.rglob("*.partial"))
+
+
+@pytest.mark.slow
+def test_nothing_changed_nothing_reruns(work):
+    assert jobs(work) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlay, expected", [
+    ("calibration: {alpha: 0.5}", {"calibrate", "export", "engine_torch", "bench"}),
+    ("precisions: {int8: {quant_level: 2}}", {"calibrate", "export", "engine_torch", "bench"}),
+    ("export: {opset: 17}", {"export"}),
+    ("engine: {batch: {min: 1, opt: 1, max: 8}}", {"engine_torch", "bench"}),
+    ("bench: {iters: 3}", {"bench"}),
+    ("bench: {steps: 3}", {"reference", "bench"}),
+])
+def test_config_edits_rerun_only_stale_stages(work, overlay, expected):
+    assert set(jobs(work, overlay=overlay)) == expected
+
+
+def edited(work, relative, text):
+    """Append to a file for one dry run, then put content and mtime back."""
+    path = work / relative
+    saved, stat = path.read_bytes(), path.stat()
+
+    class Edit:
+        def __enter__(self):
+            path.write_bytes(saved + text.encode())
+            os.utime(path, (stat.st_atime + 10, stat.st_mtime + 3600))
+
+        def __exit__(self, *exc):
+            path.write_bytes(saved)
+            os.utime(path, (stat.st_atime, stat.st_mtime))
+
+    return Edit()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relative, text, expected", [
+    ("config/prompts/calibration.txt", "a new calibration prompt\n", {"calibrate", "export", "engine_torch", "bench"}),
+    ("quantdiff/quant/calibrators.py", "\n# edited\n", {"calibrate", "export", "engine_torch", "bench"}),
+    ("quantdiff/metrics.py", "\n# edited\n", {"bench"}),
+    ("quantdiff/export/qdq.py", "\n# edited\n", {"export"}),
+])
+def test_code_and_prompt_edits_rerun_only_stale_stages(work, relative, text, expected):
+    with edited(work, relative, text):
+        assert set(jobs(work)) == expected
+    assert jobs(work) == {}
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_fails_clearly_and_leaves_nothing(work):
+    ckpt = work / "results/tiny-xl/int8/calib.pt"
+    saved, stat = ckpt.read_bytes(), ckpt.stat()
+    ckpt.write_bytes(saved[:4096])
+    os.utime(ckpt, (stat.st_atime, stat.st_mtime))
+    try:
+        proc = snakemake(work, "--configfile", "config/config.yaml", "fast.yaml", "--forcerun", "export", "--", ONNX,
+                         check=False)
+        assert proc.returncode != 0
+        assert "calib.pt is corrupt or incomplete" in proc.stdout and "Delete it and rerun" in proc.stdout
+        assert not (work / ONNX).exists()
+        assert not list((work / "results/tiny-xl/int8").glob(".*partial"))
+    finally:
+        ckpt.write_bytes(saved)
+        os.utime(ckpt, (stat.st_atime, stat.st_mtime))
+
+
+def test_lint_is_clean(tmp_path):
+    work = copy_project(tmp_path)
+    proc = snakemake(work, "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout
+
+
+def test_tensorrt_engine_refused_without_tensorrt(tmp_path):
+    """Asking for the TensorRT plan where TensorRT is missing: a clear error, no silent fallback."""
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here; this test checks the refusal where it is missing")
+    except ImportError:
+        pass
+    work = copy_project(tmp_path)
+    proc = snakemake(work, "--dry-run", "results/tiny-xl/int8/bench.json", "--config", "engine={backend: tensorrt}",
+                     check=False)
+    assert proc.returncode != 0
+    assert "TensorRT is not installed" in proc.stdout and "backend: torch" in proc.stdout
