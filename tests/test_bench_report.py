@@ -213,8 +213,8 @@ def test_summary_table_order_and_values():
     row = rows[0]
     assert row["unet_ms"] == 10.0 and row["baseline_ms"] == 12.0 and row["speedup"] == 1.2
     assert row["pipeline_ms"] == 60.0 and row["psnr_mean"] == 30.5 and row["ssim_mean"] == 0.95
-    assert row["note"] == report.ARCHITECTURE_ONLY_NOTE
-    assert summary_table([example_record(architecture_only=False)])[0]["note"] == "random weights"
+    assert row["note"] == f"{report.ARCHITECTURE_ONLY_NOTE}; {report.CPU_TIMING_NOTE}"
+    assert summary_table([example_record(architecture_only=False)])[0]["note"] == f"random weights; {report.CPU_TIMING_NOTE}"
 
 
 def test_summary_markdown_has_header_and_one_row_per_record():

@@ -23,10 +23,11 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "results/tiny-xl/int8/calib.pt"
 MODEL = Path("resources/models/tiny-xl")
-# 8x the prompts and 2.5x the steps of the default: minutes of calibration on 2 cores, far past
-# the 1-minute limit (Slurm's smallest: it counts whole minutes). A --configfile, merged over
+# 20x the prompts and 5x the steps of the default: 100x the UNet calls, several minutes on 2 cores,
+# far past a 1-minute limit (Slurm's smallest: it counts whole minutes, and its controller
+# enforces limits every 30 s, so the kill comes 60-90 s in; 64 x 50 finished at 67 s and raced it). A --configfile, merged over
 # config/config.yaml (`--config calibration={...}` would hand the schema strings, not integers).
-SLOW_CALIBRATION = "calibration:\n  calib_size: 64\n  n_steps: 50\n"
+SLOW_CALIBRATION = "calibration:\n  calib_size: 160\n  n_steps: 100\n"
 
 
 @pytest.fixture(scope="session")

@@ -173,11 +173,18 @@ def _device_label(device):
     return f"{device['name']} (sm {cc})" if cc else device["name"]
 
 
+CPU_TIMING_NOTE = "CPU timing: checks the machinery, not a speed claim"
+
+
 def _note(record):
+    notes = []
     if record.get("architecture_only"):
-        return ARCHITECTURE_ONLY_NOTE
-    quality = record["quality"]
-    return "" if quality.get("meaningful", True) else quality.get("note", "")
+        notes.append(ARCHITECTURE_ONLY_NOTE)
+    elif not record["quality"].get("meaningful", True):
+        notes.append(record["quality"].get("note", ""))
+    if record["device"]["kind"] == "cpu":
+        notes.append(CPU_TIMING_NOTE)
+    return "; ".join(n for n in notes if n)
 
 
 def summary_table(records) -> list:
