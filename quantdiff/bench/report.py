@@ -65,10 +65,10 @@ def _fit_text(draw, text, font, width):
 
 
 def format_caption(prompt: str, psnr_db, ssim: float) -> str:
-    """'prompt | PSNR 31.20 dB | SSIM 0.9412', with 'inf' PSNR shown as identical."""
+    """'PSNR 31.20 dB | SSIM 0.9412 | prompt' (metrics first: long prompts are cut at the right)."""
     psnr_db = from_json_number(psnr_db)
     psnr_text = "PSNR inf (identical)" if psnr_db == math.inf else f"PSNR {psnr_db:.2f} dB"
-    return f"{prompt} | {psnr_text} | SSIM {ssim:.4f}"
+    return f"{psnr_text} | SSIM {ssim:.4f} | {prompt}"
 
 
 def save_grid(reference_images, test_images, captions, path, labels=("fp16", "int8")):
