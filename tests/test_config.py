@@ -66,7 +66,9 @@ def test_per_model_overrides_apply_to_that_model_only(config):
 def test_snakemake_stops_before_any_job(tmp_path):
     """Through the real CLI: the message, a non-zero exit, and nothing built."""
     work = copy_project(tmp_path)
-    proc = snakemake(work, "results/tiny-xl/int8/calib.pt", config=["precisions={int8: {quant_level: 4}}"], check=False)
+    (work / "bad.yaml").write_text("precisions: {int8: {quant_level: 4}}\n")
+    proc = snakemake(work, "--configfile", "config/config.yaml", "bad.yaml", "--", "results/tiny-xl/int8/calib.pt",
+                     check=False)
     assert proc.returncode != 0
     assert "level 4 adds FP8 attention and exists for fp8 only" in proc.stdout
     assert not (work / "resources").exists() and not (work / "results").exists()
