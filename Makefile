@@ -20,7 +20,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/snakemake --cores 1 results/tiny-xl/int8/bench.json
 
+# System packages for the real-cluster and browser tests (only as root with apt; else they skip).
 test: install
+	bash .ci/slurm-deps
+	bash .ci/chromium-deps
 	$(BIN)/pytest -q
 
 lint: install

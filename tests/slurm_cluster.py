@@ -7,13 +7,16 @@ Debian's slurm-wlm + munge (install them with .ci/slurm-deps). As root:
   * state, spool, pid and log files live under a scratch folder;
   * `stop()` ends the daemons it started by their PIDs and removes the config it wrote.
 
-A config at /etc/slurm/slurm.conf that this helper did not write is never overwritten:
-`start()` raises SlurmUnavailable instead (the test then skips and says why).
+A config at /etc/slurm/slurm.conf that this helper did not write is never overwritten, and a
+second test cluster is never started beside a running one (a lock file guards the machine-wide
+config path and ports): `start()` raises SlurmUnavailable instead (the test skips, saying why).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import tempfile
 import signal
 import socket
 import subprocess
@@ -23,6 +26,8 @@ from pathlib import Path
 CONF = Path("/etc/slurm/slurm.conf")
 MARKER = "# written by quantdiff tests/slurm_cluster.py: a throwaway single-node test cluster"
 PARTITION = "debug"
+# One test cluster per machine: the config path and the daemons' ports are machine-wide.
+LOCK = Path(tempfile.gettempdir()) / "quantdiff-slurm-test.lock"
 DEPS = Path(__file__).resolve().parents[1] / ".ci" / "slurm-deps"
 
 
@@ -72,6 +77,7 @@ class SlurmCluster:
         self.partition = PARTITION
         self._pids: dict[str, int] = {}
         self._wrote_conf = False
+        self._lock = None
 
     # -- set-up -------------------------------------------------------------------------
     def ensure_installed(self):
@@ -151,7 +157,15 @@ class SlurmCluster:
         if os.geteuid() != 0:
             raise SlurmUnavailable("starting slurmctld/slurmd and writing /etc/slurm/slurm.conf needs root")
         self.ensure_installed()
+        self._lock = open(LOCK, "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise SlurmUnavailable(f"another test Slurm is running on this machine ({LOCK} is held)") from None
         if CONF.exists() and MARKER not in CONF.read_text(errors="replace"):
+            self.stop()
             raise SlurmUnavailable(f"{CONF} exists and was not written by this helper; not overwriting it")
         for sub in ("state", "spool"):
             (self.scratch / sub).mkdir(parents=True, exist_ok=True)
@@ -225,3 +239,6 @@ class SlurmCluster:
         if self._wrote_conf:
             CONF.unlink(missing_ok=True)
             self._wrote_conf = False
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
