@@ -36,6 +36,9 @@ def measure(name, module, inputs, flops, warmup, iters, log):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    # Variants share diffusers' code objects (ResnetBlock2D.forward ...): without a reset their
+    # dynamo cache entries pile up, hit config.recompile_limit (8) and those frames run eager.
+    torch._dynamo.reset()
     start = time.time()
     compiled = torch.compile(module)
     with torch.no_grad():
