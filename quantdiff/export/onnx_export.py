@@ -69,10 +69,15 @@ def cleanup_graph(model):
     return gs.export_onnx(graph)
 
 
+def weight_bytes(model):
+    """Bytes of the initializers: ModelProto.ByteSize() cannot be trusted past protobuf's 2 GB."""
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+
+
 def save_onnx(model, path):
     """Write atomically; weights go to `<name>.data` beside it only when the graph passes 2 GB."""
     path = Path(path)
-    large = model.ByteSize() > TWO_GB if model.ByteSize() >= 0 else True
+    large = weight_bytes(model) > TWO_GB - (64 << 20)  # the graph itself needs some room too
     with atomic_path(path) as tmp:
         if large:
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,

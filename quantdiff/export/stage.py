@@ -7,7 +7,7 @@ import torch
 
 from ..errors import CorruptArtifactError
 from ..io import read_json, write_json
-from .onnx_export import INPUT_NAMES, UNetWithNamedInputs, export_dtype, export_unet, positional_inputs
+from .onnx_export import INPUT_NAMES, UNetWithNamedInputs, export_dtype, export_unet, positional_inputs, save_onnx
 from .ort_check import compare_with_torch
 from .qdq import check_counts, fp8_to_standard_qdq, qdq_summary
 
@@ -48,7 +48,7 @@ def ort_error(path, wrapper, positional, pipeline, fp8):
     model, _ = fp8_to_standard_qdq(load_onnx(path))
     with tempfile.TemporaryDirectory() as scratch:
         converted = Path(scratch) / "fp8_standard.onnx"
-        onnx.save_model(model, str(converted))
+        save_onnx(model, converted)  # external data past 2 GB, as the export itself
         return compare_with_torch(converted, wrapper, positional, INPUT_NAMES[pipeline])
 
 
@@ -74,8 +74,6 @@ def run_export(model_dir, ckpt, calib_record, settings, onnx_path, record_path, 
     log(f"ONNX Runtime vs PyTorch: relative error {info['ort_relative_error']:.3g}")
     if precision == "fp8" and settings["fp8_standard_qdq"]:
         graph, n = fp8_to_standard_qdq(graph)
-        from .onnx_export import save_onnx
-
         save_onnx(graph, onnx_path)
         info["fp8_standard_qdq_rewritten"] = n
     info |= {"precision": precision, "quant_level": level, "dtype": str(dtype).replace("torch.", ""),
