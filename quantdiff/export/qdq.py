@@ -91,6 +91,8 @@ def fp8_to_standard_qdq(model):
         rewritten.update(node.output)
     if not rewritten:
         return model, 0
+    count = len(rewritten)
+    rewritten |= _hoist_layout_ops_above_quantize(model, rewritten)
     model.graph.initializer.append(helper.make_tensor(zero_name, TensorProto.FLOAT8E4M3FN, [], [0.0]))
     keep = [vi for vi in model.graph.value_info if vi.name not in rewritten]
     del model.graph.value_info[:]
@@ -99,7 +101,38 @@ def fp8_to_standard_qdq(model):
     imports = [op for op in model.opset_import if op.domain not in ("", "trt")]
     del model.opset_import[:]
     model.opset_import.extend(imports + [helper.make_opsetid("", default)])
-    return model, len(rewritten)
+    return model, count
+
+
+# Ops that only move elements: with a per-tensor scale, Q(op(x)) == op(Q(x)) exactly.
+LAYOUT_OPS = {"Transpose", "Reshape"}
+
+
+def _hoist_layout_ops_above_quantize(model, quantized):
+    """Q -> Transpose/Reshape -> DQ becomes Transpose/Reshape -> Q -> DQ.
+
+    FP8 attention exports kᵀ as a Transpose between Q and DQ (seen on the SDXL UNet, not on
+    tiny-xl). TensorRT's uint8-typed trt:: ops allow that, but at opset 19 Transpose and Reshape do
+    not take float8 tensors, and ONNX Runtime rejects the graph. Returns the tensor names that are
+    now float8 (their stale value_info must go)."""
+    nodes = list(model.graph.node)
+    consumers = collections.Counter(name for node in nodes for name in node.input)
+    producer = {out: node for node in nodes for out in node.output}
+    moved = set()
+    for layout in nodes:
+        quantize = producer.get(layout.input[0]) if layout.input else None
+        if (layout.op_type not in LAYOUT_OPS or quantize is None or quantize.op_type != "QuantizeLinear"
+                or quantize.output[0] not in quantized or consumers[quantize.output[0]] != 1):
+            continue
+        x, q_out, layout_out = quantize.input[0], quantize.output[0], layout.output[0]
+        layout.input[0], layout.output[0] = x, q_out + "_layout"
+        quantize.input[0], quantize.output[0] = layout.output[0], layout_out
+        # Q now reads the layout op's output: place it right after it (its scale is a constant).
+        model.graph.node.remove(quantize)
+        model.graph.node.insert(list(model.graph.node).index(layout) + 1, quantize)
+        producer[layout_out] = quantize
+        moved.add(layout_out)
+    return moved
 
 
 def check_counts(summary, expected_counts):
