@@ -58,12 +58,12 @@ def quantized_copy(unet, precision, level, inputs):
     """ModelOpt fake-quant copy calibrated on the benchmark input (speed does not need more)."""
     import modelopt.torch.quantization as mtq
 
-    from ..quant.levels import fp8_attention_layers, quantized_layers
+    from ..quant.levels import EXCLUDE_DEFAULT, fp8_attention_layers, quantized_layers
     from ..quant.recipe import quant_config
 
     settings = {"n_steps": 1, "percentile": 1.0, "collect_method": "min-mean", "alpha": 0.8}
     model = copy.deepcopy(unet)
-    layers = quantized_layers(model, level, "(time_embedding|add_embedding|conv_in|conv_out|conv_shortcut|time_emb_proj)")
+    layers = quantized_layers(model, level, EXCLUDE_DEFAULT)
     attention = fp8_attention_layers(model, level) if precision == "fp8" else []
 
     def loop(m):

@@ -27,11 +27,15 @@ def prepared_unet(model_dir, ckpt, precision, quant_level):
     from ..models import load_unet
     from ..quant.calibrate import restore_calibrated_unet
 
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
     unet = load_unet(model_dir)
     if ckpt:
         restore_calibrated_unet(unet, ckpt)
+    return in_export_dtype(unet, precision, quant_level)
+
+
+def in_export_dtype(unet, precision, quant_level):
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
     dtype = export_dtype(precision, quant_level)
     if dtype == torch.float16:
         # Q/DQ nodes cast around 16-bit tensors: the pattern TensorRT fuses into FP8 MHA.

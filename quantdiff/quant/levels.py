@@ -23,6 +23,8 @@ LEVEL_KINDS = {
     4: ("conv", "ff", "qkv", "linear"),
 }
 FP8_ATTENTION_LEVEL = 4
+# The config's default `calibration.exclude`, for tools that quantize without a config.
+EXCLUDE_DEFAULT = "(time_embedding|add_embedding|conv_in|conv_out|conv_shortcut|time_emb_proj)"
 ATTENTION_HEAD_DIM_MULTIPLE = 16  # FP8 attention kernels need head_dim % 16 == 0
 
 
