@@ -27,9 +27,15 @@ def test_shipped_config_is_valid_and_defaults_filled(config):
 def test_defaults_fill_a_minimal_config():
     minimal = {"models": {"tiny-xl": {"pipeline": "sdxl", "source": "builtin:tiny-xl", "resolution": 64}}}
     validated = validate_config(minimal, root=ROOT)
-    assert validated["export"] == {"opset": 19, "fp8_standard_qdq": False}
+    assert validated["export"] == {"opset": 19, "fp8_standard_qdq": False, "ort_check": "auto"}
     assert validated["engine"]["optimization_level"] == {"fp16": 3, "int8": 4, "fp8": 4}
     assert validated["calibration"]["percentile"] == 1.0
+
+
+def test_alpha_auto_is_valid(config):
+    auto = copy.deepcopy(config)
+    auto["calibration"]["alpha"] = "auto"
+    assert calibration_settings(validate_config(auto, root=ROOT), "tiny-xl", "int8")["alpha"] == "auto"
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -45,6 +51,9 @@ def test_defaults_fill_a_minimal_config():
     (lambda c: c["models"]["tiny-xl"].update(pipeline="sd3"), "config key 'models.tiny-xl.pipeline': 'sd3' is not one of ['sdxl', 'sd']"),
     (lambda c: c["engine"].update(backend="onnxruntime"), "config key 'engine.backend'"),
     (lambda c: c["engine"].update(batch={"min": 4, "opt": 2, "max": 8}), "config key 'engine.batch': needs min <= opt <= max"),
+    (lambda c: c["calibration"].update(alpha="magic"), "config key 'calibration.alpha': 'magic' is not valid"),
+    (lambda c: c["calibration"].update(alpha=1.5), "config key 'calibration.alpha'"),
+    (lambda c: c["export"].update(ort_check="sometimes"), "config key 'export.ort_check': 'sometimes' is not one of"),
 ])
 def test_bad_config_names_the_key(config, edit, message):
     bad = copy.deepcopy(config)

@@ -1,5 +1,6 @@
 """Calibration: run the real diffusers pipeline over calibration prompts, let ModelOpt observe the
 UNet at every denoising step, and save the calibrated (fake-quant) UNet with its record."""
+import contextlib
 import time
 import warnings
 
@@ -10,7 +11,8 @@ from ..errors import CorruptArtifactError
 from ..io import atomic_path, write_json
 from .calibrators import STEP_CLOCK, StepRangePercentileCalibrator
 from .levels import check_level, count_by_kind, fp8_attention_layers, quantized_layers
-from .recipe import quant_config
+from .recipe import quant_config, smoothed_linears
+from .smoothing import ActivationSampler, smooth_per_layer
 
 
 def read_prompts(path, limit=None):
@@ -25,25 +27,29 @@ def compute_device():
     return "cpu", torch.float32
 
 
-def calibration_loop(pipe, prompts, settings, progress):
-    """The forward loop ModelOpt runs: the whole pipeline, so the UNet sees real trajectories."""
+def calibration_loop(pipe, prompts, settings, progress, sampler=None):
+    """The forward loop ModelOpt runs: the whole pipeline, so the UNet sees real trajectories.
+    `sampler` (alpha: auto) records linear inputs of the UNet ModelOpt passes in (already converted)."""
 
-    def loop(_unet):
+    def loop(unet):
         batch_size = settings["batch_size"]
-        for i in range(0, len(prompts), batch_size):
-            batch = prompts[i:i + batch_size]
-            STEP_CLOCK.start_image()
-            generator = torch.Generator("cpu").manual_seed(settings["seed"] + i)
-            pipe(prompt=batch, num_inference_steps=settings["n_steps"], guidance_scale=settings["guidance"],
-                 height=settings["resolution"], width=settings["resolution"], generator=generator,
-                 output_type="latent")
-            progress.update(len(batch) * settings["n_steps"])
+        with sampler.attached(unet) if sampler else contextlib.nullcontext():
+            for i in range(0, len(prompts), batch_size):
+                batch = prompts[i:i + batch_size]
+                STEP_CLOCK.start_image()
+                generator = torch.Generator("cpu").manual_seed(settings["seed"] + i)
+                pipe(prompt=batch, num_inference_steps=settings["n_steps"], guidance_scale=settings["guidance"],
+                     height=settings["resolution"], width=settings["resolution"], generator=generator,
+                     output_type="latent")
+                progress.update(len(batch) * settings["n_steps"])
 
     return loop
 
 
 def quantize_unet(pipe, settings, log=print):
-    """Quantize `pipe.unet` in place for settings['precision'] / settings['quant_level']."""
+    """Quantize `pipe.unet` in place for settings['precision'] / settings['quant_level'].
+
+    Returns (layers {name: kind}, FP8 attention module names, per-layer alphas or {})."""
     import modelopt.torch.quantization as mtq
 
     precision, level = settings["precision"], settings["quant_level"]
@@ -52,8 +58,11 @@ def quantize_unet(pipe, settings, log=print):
     layers = quantized_layers(unet, level, settings["exclude"])
     attention = fp8_attention_layers(unet, level)
     prompts = read_prompts(settings["prompts"], settings["calib_size"])
+    auto_alpha = settings["alpha"] == "auto" and smoothed_linears(precision, layers)
+    sampler = ActivationSampler(smoothed_linears(precision, layers), seed=settings["seed"]) if auto_alpha else None
     log(f"calibrating {precision} level {level}: {count_by_kind(layers)} layers, "
-        f"{len(attention)} FP8 attention blocks, {len(prompts)} prompts x {settings['n_steps']} steps")
+        f"{len(attention)} FP8 attention blocks, {len(prompts)} prompts x {settings['n_steps']} steps"
+        + (", SmoothQuant alpha per layer" if auto_alpha else ""))
     hook = unet.register_forward_pre_hook(STEP_CLOCK.tick)
     progress = tqdm(total=len(prompts) * settings["n_steps"], desc="calibrate (prompt x step)", unit="step")
     try:
@@ -61,11 +70,16 @@ def quantize_unet(pipe, settings, log=print):
             # Excluded linears are disabled on purpose; ModelOpt warns about each one.
             warnings.filterwarnings("ignore", message=".*is not calibrated, skip smoothing")
             mtq.quantize(unet, quant_config(precision, layers, attention, settings),
-                         forward_loop=calibration_loop(pipe, prompts, settings, progress))
+                         forward_loop=calibration_loop(pipe, prompts, settings, progress, sampler))
     finally:
         hook.remove()
         progress.close()
-    return layers, attention
+    alphas = smooth_per_layer(unet, sampler) if auto_alpha else {}
+    if alphas:
+        picked = [v["alpha"] for v in alphas.values()]
+        log(f"SmoothQuant alpha per layer: {len(picked)} linears, mean {sum(picked) / len(picked):.2f}, "
+            f"range {min(picked)}-{max(picked)}")
+    return layers, attention, alphas
 
 
 def _amax(quantizer):
@@ -73,8 +87,9 @@ def _amax(quantizer):
     return None if amax is None else amax.detach().float().cpu()
 
 
-def calibration_record(unet, layers, attention, settings, seconds):
-    """calib.json: every quantized layer with its amax, and the settings used."""
+def calibration_record(unet, layers, attention, settings, seconds, alphas=None):
+    """calib.json: every quantized layer with its amax (and, with alpha: auto, its chosen alpha
+    and the output error at each alpha of the grid), and the settings used."""
     modules = dict(unet.named_modules())
     record_layers = {}
     for name, kind in layers.items():
@@ -90,6 +105,9 @@ def calibration_record(unet, layers, attention, settings, seconds):
             entry["input_amax_global_max"] = float(max(max(v) for v in calibrator.per_step.values()))
             entry["input_amax_by_step"] = [float(torch.stack(calibrator.per_step[s]).max())
                                            for s in sorted(calibrator.per_step)]
+        if name in (alphas or {}):
+            entry["smoothquant_alpha"] = alphas[name]["alpha"]
+            entry["smoothquant_error_by_alpha"] = alphas[name]["error_at"]
         record_layers[name] = entry
     record_attention = {name: {q: float(_amax(getattr(modules[name], q)).max())
                                for q in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
@@ -110,8 +128,8 @@ def calibrate(model_dir, settings, ckpt_path, record_path, log=print):
     torch.manual_seed(settings["seed"])
     pipe = load_pipeline(model_dir, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    layers, attention = quantize_unet(pipe, settings, log)
-    record = calibration_record(pipe.unet, layers, attention, settings, time.time() - start)
+    layers, attention, alphas = quantize_unet(pipe, settings, log)
+    record = calibration_record(pipe.unet, layers, attention, settings, time.time() - start, alphas)
     record["device"] = device
     with atomic_path(ckpt_path) as tmp:
         mto.save(pipe.unet, tmp)

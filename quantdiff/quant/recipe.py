@@ -12,6 +12,8 @@ def quantizer_cfg(precision, role, kind, settings):
         # INT8 weights per output channel; FP8 e4m3 per tensor (its dynamic range is enough).
         return {"num_bits": bits, "axis": 0 if precision == "int8" else None}
     cfg = {"num_bits": bits, "axis": None}
+    if precision == "int8" and kind != "conv" and settings["alpha"] == "auto":
+        cfg["axis"] = -1  # per-channel amax: what smoothing needs; smooth_per_layer makes it per tensor
     if precision == "int8" and kind == "conv":
         cfg["calibrator"] = (StepRangePercentileCalibrator, (), {
             "num_bits": bits, "axis": None, "n_steps": settings["n_steps"],
@@ -19,9 +21,15 @@ def quantizer_cfg(precision, role, kind, settings):
     return cfg
 
 
+def smoothed_linears(precision, layers):
+    """Names of the linears SmoothQuant applies to (INT8 only)."""
+    return [name for name, kind in layers.items() if kind != "conv"] if precision == "int8" else []
+
+
 def algorithm(precision, layers, settings):
-    """SmoothQuant migrates INT8 linear-input outliers into the weights; everything else is max."""
-    if precision == "int8" and any(kind != "conv" for kind in layers.values()):
+    """SmoothQuant migrates INT8 linear-input outliers into the weights; everything else is max.
+    With `alpha: auto` calibration is max, and quant.smoothing picks and applies each layer's alpha."""
+    if smoothed_linears(precision, layers) and settings["alpha"] != "auto":
         return {"method": "smoothquant", "alpha": settings["alpha"]}
     return {"method": "max"}
 
