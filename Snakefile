@@ -14,6 +14,7 @@ include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/engine.smk"
 include: "workflow/rules/bench.smk"
+include: "workflow/rules/study.smk"
 
 
 rule all:

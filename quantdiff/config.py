@@ -49,6 +49,9 @@ def _check_semantics(config, root):
                 f"config key 'precisions.{precision}.quant_level': level 4 adds FP8 attention and exists for fp8 only; "
                 f"use 1, 2, 2.5 or 3 for {precision}"
             )
+    for variant, spec in config.get("study", {}).get("variants", {}).items():
+        if spec["quant_level"] == 4 and spec["precision"] != "fp8":
+            raise ConfigError(f"config key 'study.variants.{variant}.quant_level': level 4 exists for fp8 only")
     for name in config.get("build", {}).get("models", []):
         if name not in config["models"]:
             raise ConfigError(f"config key 'build.models': unknown model '{name}'; known: {', '.join(config['models'])}")
@@ -119,6 +122,23 @@ def reference_settings(config, model):
     bench = merged(config, model, "bench")
     return {k: bench[k] for k in ("prompts", "n_prompts", "steps", "guidance", "seed")} | {
         "resolution": config["models"][model]["resolution"]}
+
+
+def study_calibration_settings(config, model, variant):
+    """Calibration of one study variant: the model's settings, then the study's, then the variant's."""
+    spec = config["study"]["variants"][variant]
+    settings = calibration_settings(config, model, spec["precision"])
+    settings.update(copy.deepcopy(config["study"].get("calibration", {})))
+    settings.update(copy.deepcopy(spec.get("calibration", {})), precision=spec["precision"],
+                    quant_level=spec["quant_level"])
+    return settings
+
+
+def study_bench_settings(config, model, variant):
+    """What a variant's quality measurement reads: the fp16 reference's settings and the variant."""
+    spec = config["study"]["variants"][variant]
+    return dict(reference_settings(config, model), model=model, variant=variant, precision=spec["precision"],
+                quant_level=spec["quant_level"])
 
 
 def calibration_steps_used(n_steps, percentile):

@@ -12,7 +12,7 @@ from quantdiff.errors import ConfigError, CorruptArtifactError, MissingWeightsEr
 from quantdiff.models import (INFO_FILE, UNET_INPUT_NAMES, arch_component, arch_unet, flatten_unet_inputs,
                               load_pipeline, load_tokenizer, materialize, read_model_info, unet_example_inputs,
                               unflatten_unet_inputs)
-from quantdiff.models import stage
+from quantdiff.models import shapes, stage
 from quantdiff.models.tokenizer import EOS, BOS, learn_merges, read_merges, vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,3 +253,8 @@ def test_prompt_files_are_sized_and_disjoint():
     calibration, evaluation = read("calibration.txt"), read("evaluation.txt")
     assert len(calibration) >= 160 and len(evaluation) == 32
     assert not calibration & evaluation
+    # the shapes model's own prompts: captions of its training set, evaluation held out of calibration
+    shapes_calibration, shapes_evaluation = read("shapes-calibration.txt"), read("shapes-evaluation.txt")
+    assert len(shapes_calibration) == 128 and len(shapes_evaluation) == 16
+    assert not shapes_calibration & shapes_evaluation
+    assert shapes_calibration | shapes_evaluation <= set(shapes.all_captions())

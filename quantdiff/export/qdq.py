@@ -1,7 +1,6 @@
 """Q/DQ bookkeeping on exported graphs: counts by layer kind, and the FP8 op rewrite."""
 import collections
 
-import onnx
 from onnx import TensorProto, helper
 
 from ..quant.levels import linear_kind

@@ -102,4 +102,9 @@ TINY_XL = {
     "scheduler": SDXL_SCHEDULER,
 }
 
-BUILTINS = {"tiny-xl": TINY_XL}
+# tiny-xl's architecture with a VAE and UNet trained on the shapes set (quantdiff.models.train):
+# images that follow their prompts, so 8-bit quality can be judged. The weights ship as package
+# data; the text encoders and tokenizers regenerate from the seed as tiny-xl's do.
+TINY_XL_SHAPES = dict(TINY_XL, trained={"vae": "weights/tiny-xl-shapes/vae", "unet": "weights/tiny-xl-shapes/unet"})
+
+BUILTINS = {"tiny-xl": TINY_XL, "tiny-xl-shapes": TINY_XL_SHAPES}

@@ -49,6 +49,21 @@ def seeded_component(name, config, seed, device="cpu"):
         return build_component(config, device=device)
 
 
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def trained_component(config, relative):
+    """A component whose trained weights ship in the package's data folder (fp32 in memory)."""
+    from ..errors import MissingWeightsError
+
+    folder = DATA_DIR / relative
+    if not (folder / "config.json").is_file():
+        raise MissingWeightsError(f"the trained weights {folder} are missing from the package; regenerate them "
+                                  "with `python -m quantdiff.models.train --out <that folder's parent>`")
+    cls = getattr(_library_of(config["_class_name"]), config["_class_name"])
+    return cls.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+
+
 def _pipeline_class(class_name):
     import diffusers
 
@@ -76,7 +91,8 @@ def write_random_pipeline(folder, spec, seed, dtype=torch.float32):
 
     counts = {}
     for name in MODEL_COMPONENTS:
-        model = seeded_component(name, spec[name], seed).eval()
+        trained = spec.get("trained", {}).get(name)
+        model = (trained_component(spec[name], trained) if trained else seeded_component(name, spec[name], seed)).eval()
         if dtype != torch.float32:
             model = model.to(dtype)
         counts[name] = sum(p.numel() for p in model.parameters())

@@ -20,6 +20,7 @@ wildcard_constraints:
     model="|".join(re.escape(m) for m in config["models"]),
     precision="|".join(settings.PRECISIONS),
     quant="int8|fp8",
+    variant="|".join(re.escape(v) for v in config["study"]["variants"]) or "(?!)",
 
 
 def package_modules(*names):
@@ -85,6 +86,18 @@ def engine_file(wildcards):
     from quantdiff.engines import engine_filename
 
     return f"results/{wildcards.model}/{wildcards.precision}/{engine_filename(engine_backend(wildcards))}"
+
+
+def study_calibration_params(wildcards):
+    return settings.study_calibration_settings(config, wildcards.model, wildcards.variant)
+
+
+def study_bench_params(wildcards):
+    return settings.study_bench_settings(config, wildcards.model, wildcards.variant)
+
+
+def study_records(wildcards):
+    return [f"results/study/{wildcards.model}/{v}/quality.json" for v in config["study"]["variants"]]
 
 
 def bench_targets(wildcards=None):
