@@ -74,15 +74,27 @@ def batch(captions, resolution=64, seed=0):
 
 
 def shape_colour_at(image, place):
-    """Mean RGB of the image around a place's centre: a check that a shape of a colour is there."""
+    """Median RGB of a small patch at a place's centre: what colour the shape drawn there has."""
     array = np.asarray(image, dtype=np.float32)
     res = array.shape[0]
     x, y = (int(v * res) for v in PLACES[place])
-    half = max(1, res // 16)
-    return array[y - half:y + half, x - half:x + half].reshape(-1, 3).mean(axis=0)
+    half = max(1, res // 32)
+    return np.median(array[y - half:y + half, x - half:x + half].reshape(-1, 3), axis=0)
 
 
 def nearest_colour(rgb):
     """The name in COLOURS (or 'background') closest to an RGB triple."""
     palette = dict(COLOURS, background=BACKGROUND)
     return min(palette, key=lambda name: sum((a - b) ** 2 for a, b in zip(palette[name], rgb)))
+
+
+def follows_prompt(image, text):
+    """True when the image shows the caption's colour at the caption's place."""
+    _, colour, _, place = parse_caption(text)
+    return nearest_colour(shape_colour_at(image, place)) == colour
+
+
+def prompt_accuracy(images, captions):
+    """Fraction of images that show their caption's colour at its place (0..1)."""
+    hits = [follows_prompt(image, text) for image, text in zip(images, captions, strict=True)]
+    return sum(hits) / len(hits)
