@@ -26,3 +26,20 @@ def quick_settings(precision, level, **overrides):
                 "alpha": 0.8, "exclude": "(time_embedding|add_embedding|conv_in|conv_out|conv_shortcut|time_emb_proj)",
                 "precision": precision, "quant_level": level, "pipeline": "sdxl", "resolution": 64}
     return settings | overrides
+
+
+def restored_twice(model_dir, ckpt):
+    """Two fresh UNets restored from `ckpt`, one example input, and the outputs of both and of
+    the plain UNet: what save/restore identity tests compare."""
+    import torch
+
+    from quantdiff.models import load_unet, unet_example_inputs
+    from quantdiff.quant.calibrate import restore_calibrated_unet
+
+    first, second = load_unet(model_dir), load_unet(model_dir)
+    restore_calibrated_unet(first, ckpt)
+    restore_calibrated_unet(second, ckpt)
+    x = unet_example_inputs(first, 2, 64)
+    with torch.no_grad():
+        outputs = first(**x).sample, second(**x).sample, load_unet(model_dir)(**x).sample
+    return second, x, outputs

@@ -1,5 +1,4 @@
 """Quant levels, the step-range percentile calibrator, calibration records and save/restore."""
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from quantdiff.errors import ConfigError, CorruptArtifactError
 from quantdiff.quant.calibrators import StepClock, StepRangePercentileCalibrator, step_range_amax
 from quantdiff.quant.levels import check_level, count_by_kind, fp8_attention_layers, quantized_layers
 
-from conftest import quick_settings
+from conftest import quick_settings, restored_twice
 
 EXCLUDE = "(time_embedding|add_embedding|conv_in|conv_out|conv_shortcut|time_emb_proj)"
 NEVER = ("conv_in", "conv_out", "conv_shortcut", "time_embedding", "add_embedding", "time_emb_proj")
@@ -145,17 +144,8 @@ def test_calibration_record(calibrated):
 
 
 def test_restore_is_bit_identical(calibrated, tiny_xl_dir):
-    from quantdiff.models import load_unet, unet_example_inputs
-    from quantdiff.quant.calibrate import restore_calibrated_unet
-
     out, _ = calibrated
-    first, second = load_unet(tiny_xl_dir), load_unet(tiny_xl_dir)
-    restore_calibrated_unet(first, out / "calib.pt")
-    restore_calibrated_unet(second, out / "calib.pt")
-    x = unet_example_inputs(first, 2, 64)
-    with torch.no_grad():
-        a, b = first(**x).sample, second(**x).sample
-        plain = load_unet(tiny_xl_dir)(**x).sample
+    _, _, (a, b, plain) = restored_twice(tiny_xl_dir, out / "calib.pt")
     assert torch.equal(a, b)
     assert not torch.equal(a, plain)  # the fake quant is really there
     assert 0 < (a - plain).norm() / plain.norm() < 0.2

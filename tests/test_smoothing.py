@@ -5,7 +5,7 @@ import torch
 from quantdiff.quant.smoothing import (ALPHA_GRID, ActivationSampler, choose_alpha, fake_quant_int8, output_error,
                                        smoothing_scale)
 
-from conftest import quick_settings
+from conftest import quick_settings, restored_twice
 
 
 def test_fake_quant_int8_hand_values():
@@ -98,21 +98,14 @@ def test_auto_alpha_record_and_smoothing(auto_calibrated):
 
 def test_auto_alpha_restores_identically_and_converts(auto_calibrated, tiny_xl_dir):
     from quantdiff.engines.qmodules import convert_to_real_quant
-    from quantdiff.models import load_unet, unet_example_inputs
-    from quantdiff.quant.calibrate import restore_calibrated_unet
 
     out, _ = auto_calibrated
-    first, second = load_unet(tiny_xl_dir), load_unet(tiny_xl_dir)
-    restore_calibrated_unet(first, out / "calib.pt")
-    restore_calibrated_unet(second, out / "calib.pt")
-    x = unet_example_inputs(first, 2, 64)
-    with torch.no_grad():
-        a, b = first(**x).sample, second(**x).sample
-        plain = load_unet(tiny_xl_dir)(**x).sample
-        real, counts = convert_to_real_quant(second)
-        c = real(**x).sample
+    restored, x, (a, b, plain) = restored_twice(tiny_xl_dir, out / "calib.pt")
     assert torch.equal(a, b)
     assert 0 < (a - plain).norm() / plain.norm() < 0.2
+    real, counts = convert_to_real_quant(restored)
+    with torch.no_grad():
+        c = real(**x).sample
     assert counts["linear_int8"] == 132
     # Rounding flips compound through the net (as in test_torch_engine): the same bound as alpha 0.8.
     assert (c - a).norm() / a.norm() < 0.08
