@@ -137,9 +137,29 @@ def train_unet(unet, vae, embeds, pooled, steps, batch_size, lr, device, log, se
     return ema
 
 
+def sample_grid(model_dir, prompts, path, seed=1234, steps=20, guidance=5.0):
+    """Grid of each prompt drawn (what it means) beside the model's image of it; returns the
+    fraction of images showing the prompt's colour at its place."""
+    from ..bench.reference import generate
+    from ..bench.report import save_grid
+    from .loading import load_pipeline
+
+    pipe = load_pipeline(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    settings = {"steps": steps, "guidance": guidance, "resolution": RESOLUTION}
+    images = [generate(pipe, p, seed + i, settings) for i, p in enumerate(prompts)]
+    hits = [shapes.follows_prompt(image, p) for image, p in zip(images, prompts)]
+    captions = [f"{p} ({'follows' if hit else 'MISSES'})" for p, hit in zip(prompts, hits)]
+    save_grid([shapes.draw(p) for p in prompts], images, captions, path, labels=("the caption, drawn", "tiny-xl-shapes"))
+    return sum(hits) / len(hits)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder for vae/ and unet/ (diffusers format, fp16)")
+    parser.add_argument("--out", help="folder for vae/ and unet/ (diffusers format, fp16)")
+    parser.add_argument("--grid", help="instead of training: write a sample grid of --model-dir for --prompts")
+    parser.add_argument("--model-dir", help="a materialized tiny-xl-shapes folder (with --grid)")
+    parser.add_argument("--prompts", default="config/prompts/shapes-evaluation.txt")
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--unet-steps", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=64, help="UNet batch")
@@ -150,6 +170,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
+    if args.grid:
+        prompts = Path(args.prompts).read_text().splitlines()
+        log(f"prompt accuracy {sample_grid(args.model_dir, prompts, args.grid):.3f} -> {args.grid}")
+        return
+    if not args.out:
+        parser.error("--out is required to train")
     torch.manual_seed(args.seed)
     start = time.time()
 

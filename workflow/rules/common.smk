@@ -110,6 +110,14 @@ def all_targets(wildcards):
 
 
 def data_files(*names):
-    """Package data folders (architecture configs, tokenizer) a rule reads."""
+    """Package data folders (architecture configs, tokenizer, trained weights) a rule reads."""
     root = Path(workflow.basedir) / "quantdiff" / "data"
     return [os.path.relpath(f) for name in names for f in sorted((root / name).rglob("*")) if f.is_file()]
+
+
+def model_inputs(wildcards):
+    """The package code and data a model's folder is made from: retraining tiny-xl-shapes reruns
+    its model stage, not tiny-xl's."""
+    kind, _, name = config["models"][wildcards.model]["source"].partition(":")
+    data = {"builtin": ("tokenizer", f"weights/{name}"), "arch": ("tokenizer", f"arch/{name}")}.get(kind, ())
+    return package_modules("models") + data_files(*data)

@@ -4,7 +4,7 @@ rule model:
     params:
         model=model_params,
     input:
-        code=package_modules("models") + data_files("arch", "tokenizer"),
+        code=model_inputs,
     log:
         "logs/{model}/model.log",
     benchmark:
