@@ -64,13 +64,14 @@ def test_output_error_is_zero_when_everything_sits_on_the_grid():
 
 def test_sampler_keeps_rows_from_every_call_and_detaches():
     lin = torch.nn.Sequential(torch.nn.Linear(8, 4))
-    sampler = ActivationSampler(["0"], rows=5, seed=0)
+    sampler = ActivationSampler(["0"], rows=6, calls=3, seed=0)
     with sampler.attached(lin):
         for i in range(3):
             lin(torch.full((2, 10, 8), float(i)))
     lin(torch.zeros(1, 8))  # after the block: not recorded
-    assert [s.shape for s in sampler.samples["0"]] == [(5, 8)] * 3
-    assert sampler.rows_of("0").shape == (5, 8)
+    assert [s.shape for s in sampler.samples["0"]] == [(2, 8)] * 3  # 6 rows over 3 calls
+    rows = sampler.rows_of("0")
+    assert rows.shape == (6, 8) and set(rows[:, 0].tolist()) == {0.0, 1.0, 2.0}  # every call is represented
     assert not lin[0]._forward_pre_hooks
 
 

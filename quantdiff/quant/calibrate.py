@@ -59,7 +59,8 @@ def quantize_unet(pipe, settings, log=print):
     attention = fp8_attention_layers(unet, level)
     prompts = read_prompts(settings["prompts"], settings["calib_size"])
     auto_alpha = settings["alpha"] == "auto" and smoothed_linears(precision, layers)
-    sampler = ActivationSampler(smoothed_linears(precision, layers), seed=settings["seed"]) if auto_alpha else None
+    calls = settings["n_steps"] * -(-len(prompts) // settings["batch_size"])  # UNet calls of the loop
+    sampler = ActivationSampler(smoothed_linears(precision, layers), calls=calls, seed=settings["seed"]) if auto_alpha else None
     log(f"calibrating {precision} level {level}: {count_by_kind(layers)} layers, "
         f"{len(attention)} FP8 attention blocks, {len(prompts)} prompts x {settings['n_steps']} steps"
         + (", SmoothQuant alpha per layer" if auto_alpha else ""))

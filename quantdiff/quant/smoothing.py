@@ -9,6 +9,7 @@ The chosen smoothing is applied through ModelOpt, exactly as its own `smoothquan
 checkpoint, the export and the torch engine see an ordinary SmoothQuant-calibrated layer.
 """
 import contextlib
+import math
 
 import torch
 
@@ -48,18 +49,21 @@ def choose_alpha(x, weight, act_amax, grid=ALPHA_GRID):
 
 
 class ActivationSampler:
-    """Keeps up to `rows` input rows of each named linear per call during calibration (seeded, CPU)."""
+    """Keeps about `rows` input rows of each named linear, spread evenly over the `calls` forward
+    passes calibration makes (every step of every prompt batch), seeded, on the CPU. Memory stays
+    at rows x width per layer (SDXL: about 1 GB in all), however long calibration runs."""
 
-    def __init__(self, names, rows=ROWS_PER_LAYER, seed=0):
+    def __init__(self, names, rows=ROWS_PER_LAYER, calls=1, seed=0):
         self.names, self.rows = list(names), rows
+        self.rows_per_call = max(1, math.ceil(rows / max(1, calls)))
         self.samples = {name: [] for name in self.names}
         self._generator = torch.Generator().manual_seed(seed)
 
     def _hook(self, name):
         def keep(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
-            take = torch.randperm(x.shape[0], generator=self._generator)[: self.rows]
-            self.samples[name].append(x[take])
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            take = torch.randperm(x.shape[0], generator=self._generator)[: self.rows_per_call].to(x.device)
+            self.samples[name].append(x[take].float().cpu())  # pick on the device, copy only the rows
         return keep
 
     @contextlib.contextmanager
