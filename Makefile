@@ -1,5 +1,5 @@
 # Two entry points, each doing its own set-up on a fresh machine:
-#   make demo   install, then build the embedded tiny-xl model's INT8 benchmark (the main job)
+#   make demo   install, then build the embedded tiny-xl-shapes model's INT8 benchmark (the main job)
 #   make test   install, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/snakemake --cores 1 results/tiny-xl/int8/bench.json
+	$(BIN)/snakemake --cores 1 results/tiny-xl-shapes/int8/bench.json
 
 # System packages for the real-cluster and browser tests (only as root with apt; else they skip).
 test: install

@@ -1,4 +1,4 @@
-"""The workflow end to end on tiny-xl, in a scratch copy: the main job, staleness, corrupt inputs."""
+"""The workflow end to end on tiny-xl-shapes (the trained embedded model), in a scratch copy: the main job, staleness, corrupt inputs."""
 import json
 import os
 import shutil
@@ -10,8 +10,8 @@ from quantdiff.bench.schema import load_bench
 
 from workflow_helpers import copy_project, planned_jobs, snakemake
 
-MAIN = "results/tiny-xl/int8/bench.json"
-ONNX = "results/tiny-xl/int8/unet.onnx"
+MAIN = "results/tiny-xl-shapes/int8/bench.json"
+ONNX = "results/tiny-xl-shapes/int8/unet.onnx"
 FAST = """
 calibration: {calib_size: 2, n_steps: 4}
 bench: {n_prompts: 2, steps: 4, iters: 2, warmup: 1}
@@ -38,7 +38,7 @@ def jobs(work, *targets, overlay=None):
 @pytest.mark.slow
 def test_main_job_outputs(work):
     record = load_bench(work / MAIN)  # validates against the schema
-    assert record["model"] == "tiny-xl" and record["precision"] == "int8" and record["quant_level"] == 3
+    assert record["model"] == "tiny-xl-shapes" and record["precision"] == "int8" and record["quant_level"] == 3
     assert record["backend"] == "torch" and record["timing_method"] == "perf_counter"
     assert record["shapes"] == {"batch": 1, "resolution": 64, "steps": 4, "guidance": 5.0}
     assert record["unet_step_ms"]["n"] == 2 and record["unet_step_ms"]["median"] > 0
@@ -49,9 +49,9 @@ def test_main_job_outputs(work):
     assert quality["meaningful"] is True and len(quality["psnr_db"]) == 2 and len(quality["sqnr_db_by_step"]) == 4
     assert 15 < quality["psnr_db_mean"] < 100 and 0.5 < quality["ssim_mean"] <= 1
     for name in ("grid.png", "sqnr.png", "images/000.png", "images/001.png", "calib.json", "export.json"):
-        assert (work / "results/tiny-xl/int8" / name).is_file(), name
-    assert (work / "results/tiny-xl/reference/manifest.json").is_file()
-    assert json.loads((work / "results/tiny-xl/int8/export.json").read_text())["layers_by_kind"] == {
+        assert (work / "results/tiny-xl-shapes/int8" / name).is_file(), name
+    assert (work / "results/tiny-xl-shapes/reference/manifest.json").is_file()
+    assert json.loads((work / "results/tiny-xl-shapes/int8/export.json").read_text())["layers_by_kind"] == {
         "conv": 26, "ff": 24, "qkv": 72, "linear": 36}
     assert not list(work.rglob("*.partial"))
 
@@ -107,7 +107,7 @@ def test_code_and_prompt_edits_rerun_only_stale_stages(work, relative, text, exp
 
 @pytest.mark.slow
 def test_corrupt_checkpoint_fails_clearly_and_leaves_nothing(work):
-    ckpt = work / "results/tiny-xl/int8/calib.pt"
+    ckpt = work / "results/tiny-xl-shapes/int8/calib.pt"
     saved, stat = ckpt.read_bytes(), ckpt.stat()
     ckpt.write_bytes(saved[:4096])
     os.utime(ckpt, (stat.st_atime, stat.st_mtime))
@@ -117,7 +117,7 @@ def test_corrupt_checkpoint_fails_clearly_and_leaves_nothing(work):
         assert proc.returncode != 0
         assert "calib.pt is corrupt or incomplete" in proc.stdout and "Delete it and rerun" in proc.stdout
         assert not (work / ONNX).exists()
-        assert not list((work / "results/tiny-xl/int8").glob(".*partial"))
+        assert not list((work / "results/tiny-xl-shapes/int8").glob(".*partial"))
     finally:
         ckpt.write_bytes(saved)
         os.utime(ckpt, (stat.st_atime, stat.st_mtime))
@@ -138,7 +138,7 @@ def test_tensorrt_engine_refused_without_tensorrt(tmp_path):
     except ImportError:
         pass
     work = copy_project(tmp_path)
-    proc = snakemake(work, "--dry-run", "results/tiny-xl/int8/bench.json", "--config", "engine={backend: tensorrt}",
+    proc = snakemake(work, "--dry-run", "results/tiny-xl-shapes/int8/bench.json", "--config", "engine={backend: tensorrt}",
                      check=False)
     assert proc.returncode != 0
     assert "TensorRT is not installed" in proc.stdout and "backend: torch" in proc.stdout
@@ -164,7 +164,7 @@ def test_html_report_holds_the_summary_table(work):
     match = re.search(r"filename=summary\.html;base64,([A-Za-z0-9+/=]+)", html)
     assert match, "the report does not embed summary.html"
     table = base64.b64decode(match.group(1)).decode()
-    assert '<table id="bench-results">' in table and "<td>tiny-xl</td>" in table and "<td>int8</td>" in table
+    assert '<table id="bench-results">' in table and "<td>tiny-xl-shapes</td>" in table and "<td>int8</td>" in table
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it); the embedded table was checked")
@@ -173,3 +173,13 @@ def test_html_report_holds_the_summary_table(work):
         dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={work / 'chromium'}", "--dump-dom",
                               (work / page).as_uri()], capture_output=True, text=True, timeout=120).stdout
         assert needle in dom, page
+    # A screenshot of the rendered table: a real page was drawn, not an error page.
+    shot = work / "summary.png"
+    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={work / 'chromium'}", f"--screenshot={shot}",
+                    "--window-size=1000,400", (work / "summary_rendered.html").as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    pixels = Image.open(shot).convert("L")
+    assert pixels.size == (1000, 400)
+    assert len(set(pixels.getdata())) > 8  # text and rules drawn, not a blank page
