@@ -44,6 +44,9 @@ def test_batch_is_scaled_to_unit_range():
 
 
 WEIGHTS = ROOT / "quantdiff/data/weights/tiny-xl-shapes"
+# Measured 16 of 16 with the shipped weights (torch 2.13 CPU, 2026-11-29); the margin allows for
+# other kernels' rounding. Drawn images score 1.0, a random model about 1 in 9.
+MIN_ACCURACY = 0.8
 
 
 def test_trained_weights_ship_small_with_their_recipe():
@@ -70,6 +73,5 @@ def test_trained_model_follows_its_prompts(shapes_pipe):
     prompts = (ROOT / "config/prompts/shapes-evaluation.txt").read_text().splitlines()
     settings = {"steps": 20, "guidance": 5.0, "resolution": 64}
     images = [generate(shapes_pipe, p, 1234 + i, settings) for i, p in enumerate(prompts)]
-    # The colour named in the caption is where the caption says, in most held-out prompts
-    # (drawn images: 100%; a random model: about 1 in 9). Measured: see MIN_ACCURACY's comment.
+    # The colour named in the caption is where the caption says, in (nearly) every held-out prompt.
     assert shapes.prompt_accuracy(images, prompts) >= MIN_ACCURACY
