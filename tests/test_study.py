@@ -83,3 +83,12 @@ def test_study_dag_and_staleness(tmp_path):
     jobs = planned_jobs(work, target)
     n = len(yaml.safe_load((ROOT / "config/config.yaml").read_text())["study"]["variants"])
     assert jobs == {"model": 1, "reference": 1, "study_calibrate": n, "study_quality": n, "study": 1}
+
+
+def test_alpha_comparison_is_made_within_each_conv_calibration():
+    records = RECORDS + [_record("int8-L3-max-auto", 26.0, method="max-max", alpha="auto")]
+    lines = findings({r["variant"]: r for r in records})
+    maxed = [line for line in lines if line.startswith("SmoothQuant (max-max")]
+    # in the plain-max group, auto (26.0 dB) is compared with int8-L3-max (alpha 0.8, 25.0 dB) only
+    assert maxed == ["SmoothQuant (max-max, percentile 1.0): `alpha: auto` (int8-L3-max-auto) 26.00 dB against the "
+                     "best global alpha (int8-L3-max, alpha 0.8) 25.00 dB: auto is better."]

@@ -78,15 +78,21 @@ def findings(records, baseline="int8-L3", goal_db=26.0):
         lines.append(f"INT8 level 3 ({baseline}): mean PSNR {psnr:.2f} dB vs fp16, which {verdict} the "
                      f"{goal_db:.0f} dB goal.")
     int8 = {n: r for n, r in records.items() if r["precision"] == "int8"}
-    globals_ = [n for n, r in int8.items() if r["quant_level"] == 3 and r["calibration"]["alpha"] != "auto"
-                and r["calibration"]["percentile"] == records.get(baseline, r)["calibration"]["percentile"]
-                and r["calibration"]["collect_method"] == records.get(baseline, r)["calibration"]["collect_method"]]
-    autos = [n for n, r in int8.items() if r["calibration"]["alpha"] == "auto"]
-    best_global, auto = _best(records, globals_), _best(records, autos)
-    if best_global and auto:
+    # alpha: auto against the best global alpha, within each conv calibration (same level too)
+    groups = {}
+    for n, r in int8.items():
+        c = r["calibration"]
+        groups.setdefault((r["quant_level"], c["collect_method"], c["percentile"]), []).append(n)
+    for (_, method, percentile), names in sorted(groups.items(), key=str):
+        autos = [n for n in names if int8[n]["calibration"]["alpha"] == "auto"]
+        globals_ = [n for n in names if int8[n]["calibration"]["alpha"] != "auto"]
+        best_global, auto = _best(records, globals_), _best(records, autos)
+        if not (best_global and auto):
+            continue
         a, g = _num(auto["quality"]["psnr_db_mean"]), _num(best_global["quality"]["psnr_db_mean"])
-        lines.append(f"SmoothQuant: `alpha: auto` ({auto['variant']}) {a:.2f} dB against the best global alpha "
-                     f"({best_global['variant']}, alpha {best_global['calibration']['alpha']}) {g:.2f} dB: "
+        lines.append(f"SmoothQuant ({method}, percentile {percentile}): `alpha: auto` ({auto['variant']}) {a:.2f} dB "
+                     f"against the best global alpha ({best_global['variant']}, alpha "
+                     f"{best_global['calibration']['alpha']}) {g:.2f} dB: "
                      + ("auto is better." if a > g else "auto is **not** better here."))
     plain_max = [n for n, r in int8.items() if r["calibration"]["collect_method"] == "max-max"]
     percentiles = [n for n, r in int8.items() if r["quant_level"] == 3 and r["calibration"]["collect_method"] != "max-max"

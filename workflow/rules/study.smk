@@ -50,7 +50,7 @@ rule study:
         code=package_modules("bench/study"),
     output:
         markdown="results/study/{model}/QUALITY.md",
-        plot="results/study/{model}/sqnr.png",
+        plot="results/study/{model}/QUALITY-sqnr.png",
     log:
         "logs/study/{model}/report.log",
     conda:
