@@ -4,7 +4,7 @@ import copy
 import pytest
 import yaml
 
-from quantdiff.bench.study import findings, write_study_report
+from quantdiff.bench.study_report import findings, write_study_report
 from quantdiff.config import study_bench_settings, study_calibration_settings, validate_config
 from quantdiff.errors import ConfigError
 

@@ -47,7 +47,7 @@ rule study_quality:
 rule study:
     input:
         records=study_records,
-        code=package_modules("bench/study"),
+        code=package_modules("bench/study_report"),
     output:
         markdown="results/study/{model}/QUALITY.md",
         plot="results/study/{model}/QUALITY-sqnr.png",

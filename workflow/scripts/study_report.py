@@ -1,5 +1,5 @@
 """Rule `study`: QUALITY.md and the SQNR-by-step plot over every variant of the study."""
-from quantdiff.bench.study import write_study_report
+from quantdiff.bench.study_report import write_study_report
 from quantdiff.io import read_json
 from quantdiff.stage import stage
 
