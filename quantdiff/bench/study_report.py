@@ -53,13 +53,15 @@ def findings(records, baseline="int8-L3", goal_db=26.0):
                      f"against the best global alpha ({best_global['variant']}, alpha "
                      f"{best_global['calibration']['alpha']}) {g:.2f} dB: "
                      + ("auto is better." if a > g else "auto is **not** better here."))
-    plain_max = [n for n, r in int8.items() if r["calibration"]["collect_method"] == "max-max"]
+    same_alpha = records.get(baseline, {}).get("calibration", {}).get("alpha", 0.8)
+    plain_max = [n for n, r in int8.items() if r["quant_level"] == 3 and r["calibration"]["collect_method"] == "max-max"
+                 and r["calibration"]["alpha"] == same_alpha]
     percentiles = [n for n, r in int8.items() if r["quant_level"] == 3 and r["calibration"]["collect_method"] != "max-max"
-                   and r["calibration"]["alpha"] == records.get(baseline, r)["calibration"]["alpha"]]
+                   and r["calibration"]["alpha"] == same_alpha]
     best_max, best_pct = _best(records, plain_max), _best(records, percentiles)
     if best_max and best_pct:
         m, p = _num(best_max["quality"]["psnr_db_mean"]), _num(best_pct["quality"]["psnr_db_mean"])
-        lines.append(f"Conv calibration: best step-range percentile ({best_pct['variant']}, percentile "
+        lines.append(f"Conv calibration (alpha {same_alpha}): best step-range percentile ({best_pct['variant']}, percentile "
                      f"{best_pct['calibration']['percentile']}) {p:.2f} dB against plain max ({best_max['variant']}) "
                      f"{m:.2f} dB: " + ("the step-range percentile is better." if p > m
                                         else "the step-range percentile is **not** better here."))
