@@ -21,7 +21,7 @@ def test_shipped_config_is_valid_and_defaults_filled(config):
     assert validated["calibration"]["n_steps"] == 20
     assert validated["calibration"]["batch_size"] == 2
     assert validated["precisions"] == {"int8": {"quant_level": 3}, "fp8": {"quant_level": 4}}
-    assert set(validated["models"]) == {"tiny-xl", "xl-1.0", "xl-turbo", "1.5", "2.1", "xl-1.0-arch"}
+    assert set(validated["models"]) == {"tiny-xl", "tiny-xl-shapes", "xl-1.0", "xl-turbo", "1.5", "2.1", "xl-1.0-arch"}
 
 
 def test_defaults_fill_a_minimal_config():

@@ -208,7 +208,7 @@ def test_local_folder_is_linked_and_loads(tiny_dir, tmp_path):
 
 
 def test_config_errors_name_what_is_known(tmp_path):
-    with pytest.raises(ConfigError, match="builtin:tiny-xl, arch:sdxl-base-1.0"):
+    with pytest.raises(ConfigError, match="builtin:tiny-xl, builtin:tiny-xl-shapes, arch:sdxl-base-1.0"):
         materialize("x", {"pipeline": "sdxl", "source": "builtin:huge-xl"}, tmp_path / "x")
     with pytest.raises(ConfigError, match="expects StableDiffusionPipeline"):
         materialize("x", {"pipeline": "sd", "source": "builtin:tiny-xl"}, tmp_path / "x")
