@@ -15,6 +15,7 @@ ONNX = "results/tiny-xl-shapes/int8/unet.onnx"
 FAST = """
 calibration: {calib_size: 2, n_steps: 4}
 bench: {n_prompts: 2, steps: 4, iters: 2, warmup: 1}
+models: {tiny-xl-shapes: {bench: {n_prompts: 2}}}
 """
 
 
@@ -94,7 +95,8 @@ def edited(work, relative, text):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("relative, text, expected", [
-    ("config/prompts/calibration.txt", "a new calibration prompt\n", {"calibrate", "export", "engine_torch", "bench"}),
+    ("config/prompts/shapes-calibration.txt", "a big red circle in the centre\n", {"calibrate", "export", "engine_torch", "bench"}),
+    ("config/prompts/calibration.txt", "another model's prompt\n", set()),  # not this model's prompts
     ("quantdiff/quant/calibrators.py", "\n# edited\n", {"calibrate", "export", "engine_torch", "bench"}),
     ("quantdiff/metrics.py", "\n# edited\n", {"bench"}),
     ("quantdiff/export/qdq.py", "\n# edited\n", {"export"}),
