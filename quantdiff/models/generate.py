@@ -73,7 +73,8 @@ def _pipeline_class(class_name):
 def write_random_pipeline(folder, spec, seed, dtype=torch.float32):
     """Write `spec` (component configs, see builtin.TINY_XL) as a diffusers pipeline folder.
 
-    Returns the parameter count of each model component.
+    Components are seeded random, except those `spec["trained"]` maps to shipped weights
+    (builtin.TINY_XL_SHAPES). Returns the parameter count of each model component.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
