@@ -113,6 +113,33 @@ def test_each_real_module_matches_modelopt(precision, int8_pair, fp8_pair):
     assert checked[linear] > 0 and checked["QuantConv2d"] > 0
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@torch.no_grad()
+def test_conv_as_8bit_gemm_matches_fake_quant(precision, int8_pair, fp8_pair):
+    """The GPU conv path (patches @ 8-bit weight) run on the CPU against the exact emulation,
+    on contiguous and channels_last inputs, odd sizes included."""
+    _, real, _ = int8_pair if precision == "int8" else fp8_pair
+    convs = [(n, m) for n, m in real.named_modules() if isinstance(m, qm.QuantConv2d)]
+    gemm = [(n, m) for n, m in convs if m.gemm_ok]
+    # conv_in (4 channels in) and conv_out (4 out) do not suit cuBLASLt; all others do
+    assert len(gemm) == len(convs) - 2 and any(m.stride == (2, 2) for _, m in gemm)
+    for i, (name, conv) in enumerate(gemm):
+        g = torch.Generator().manual_seed(i)
+        for x in (2 * torch.randn(2, conv.in_channels, 9, 7, generator=g),
+                  (2 * torch.randn(3, conv.in_channels, 8, 8, generator=g)).contiguous(memory_format=torch.channels_last)):
+            expected = conv.reference_forward(x)
+            conv.use_gemm = True
+            try:
+                out = conv(x)
+            finally:
+                conv.use_gemm = None
+            assert out.shape == expected.shape, name
+            # int32 / float32 sums of the same 8-bit values: order only (measured <= 1e-6)
+            assert rel_max(out, expected) < 5e-6, name
+    assert real_modules(real) and all(not m.use_gemm and m(torch.zeros(1, m.in_channels, 4, 4)).shape[0] == 1
+                                      for _, m in convs)
+
+
 @torch.no_grad()
 def test_int8_weights_are_stored_in_8_bits(int8_pair, fp8_pair):
     for _, module in real_modules(int8_pair[1]):

@@ -1,22 +1,28 @@
-"""UNet-step benchmark on the GPU: the torch engine's 8-bit UNet against torch.compile fp16,
-side by side in one process, with FLOP rate, peak memory and output error.
+"""UNet-step benchmark on the GPU: the torch engine's 8-bit UNets against torch.compile fp16,
+side by side in one process, with FLOP rate, memory, output error and where the time goes.
 
-    python -m quantdiff.bench.unet --arch sdxl-base-1.0 --precisions int8,fp8 --out unet_bench.json
+    python -m quantdiff.bench.unet --arch sdxl-base-1.0 --precisions fp8,int8 --out DIR
 
-Random weights (architecture only): speed does not depend on the values; the error columns
-compare the real 8-bit modules with the ModelOpt fake-quant model they were converted from.
+Random weights (architecture only): speed does not depend on the values. Each variant is
+compiled once (torch.compile, default mode) and timed twice: launched from Python, and replayed
+as one CUDA graph (no launch overhead, which a ~1500-kernel UNet step otherwise pays on the
+CPU). The error columns compare the real 8-bit modules with the ModelOpt fake-quant model they
+were converted from (and with fp16). DIR gets unet_bench.json and one profile table per variant.
 """
 import argparse
 import copy
 import json
 import time
+from pathlib import Path
 
 import torch
 
 from ..io import write_json
 from .timing import module_bytes, time_calls
 
-QUIET = lambda *a: None  # noqa: E731
+# aten ops whose device time is a GEMM, a convolution or attention (no op here nests in another)
+OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "aten::_scaled_mm": "gemm",
+            "aten::_int_mm": "gemm", "aten::convolution": "conv"}
 
 
 def relative_error(reference, test):
@@ -31,27 +37,95 @@ def count_flops(unet, inputs):
     return counter.get_total_flops()
 
 
-def measure(name, module, inputs, flops, warmup, iters, log):
-    """Compile, time and take the peak memory of one variant."""
+def capture_cuda_graph(fn):
+    """(graph, its output) for a capturable fn, warmed up on a side stream as CUDA graphs need."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def profile_step(fn, out_file, calls=3):
+    """Device milliseconds per call by kind (gemm, conv, attention, Triton-fused, other) and the
+    per-shape op table in out_file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kinds = {"gemm": 0.0, "conv": 0.0, "attention": 0.0, "triton": 0.0, "total": 0.0}
+    for event in prof.key_averages():
+        us = event.device_time_total
+        kind = OP_KINDS.get(event.key) or ("attention" if event.key.startswith("aten::_scaled_dot_product_") else None)
+        if kind:
+            kinds[kind] += us
+        elif event.device_type == torch.autograd.DeviceType.CUDA:  # a kernel
+            kinds["total"] += event.self_device_time_total
+            if event.key.startswith("triton_"):
+                kinds["triton"] += event.self_device_time_total
+    ms = {k: round(v / calls / 1000, 3) for k, v in kinds.items()}
+    ms["other"] = round(ms["total"] - ms["gemm"] - ms["conv"] - ms["attention"] - ms["triton"], 3)
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by="device_time_total", row_limit=80,
+                                                               max_name_column_width=60, max_shapes_column_width=70)
+    Path(out_file).write_text(table)
+    return ms
+
+
+def measure(name, module, inputs, flops, args, log):
+    """Compile, time (launched and as a CUDA graph), profile and take the memory of one variant."""
+    tag = name.replace(" ", "_").replace(".", "")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     # Variants share diffusers' code objects (ResnetBlock2D.forward ...): without a reset their
     # dynamo cache entries pile up, hit config.recompile_limit (8) and those frames run eager.
     torch._dynamo.reset()
+    resident = torch.cuda.memory_allocated()
     start = time.time()
     compiled = torch.compile(module)
+
+    def step():
+        return compiled(**inputs, return_dict=False)[0]
+
     with torch.no_grad():
-        out = compiled(**inputs, return_dict=False)[0]
-    torch.cuda.synchronize()
-    compile_s = time.time() - start
-    latency = time_calls(lambda: compiled(**inputs, return_dict=False), warmup, iters, "cuda")
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    row = {"variant": name, "ms": round(latency["median"], 3), "p10": round(latency["p10"], 3),
-           "p90": round(latency["p90"], 3), "tflops": round(flops / latency["median"] / 1e9, 1),
-           "peak_mb": round(peak_mb), "weights_mb": round(module_bytes(module) / 2**20), "compile_s": round(compile_s, 1)}
+        out = step().clone()
+        torch.cuda.synchronize()
+        compile_s = time.time() - start
+        torch.cuda.reset_peak_memory_stats()
+        launched = time_calls(step, args.warmup, args.iters, "cuda")
+        activations_mb = (torch.cuda.max_memory_allocated() - resident) / 2**20
+        kinds = profile_step(step, Path(args.out) / f"profile-{tag}.txt")
+        try:
+            graph, _ = capture_cuda_graph(step)
+            replayed = time_calls(graph.replay, args.warmup, args.iters, "cuda")
+        except Exception as err:  # noqa: BLE001 - report and go on with the launched figure
+            log(f"{name}: CUDA graph capture failed: {type(err).__name__}: {err}")
+            graph, replayed = None, None
+    weights_mb = module_bytes(module) / 2**20
+    best = replayed or launched
+    row = {"variant": name, "ms": round(best["median"], 3), "p10": round(best["p10"], 3), "p90": round(best["p90"], 3),
+           "launched_ms": round(launched["median"], 3), "cuda_graph_ms": replayed and round(replayed["median"], 3),
+           "tflops": round(flops / best["median"] / 1e9, 1), "weights_mb": round(weights_mb),
+           "footprint_mb": round(weights_mb + activations_mb), "compile_s": round(compile_s, 1),
+           "device_ms_by_kind": kinds}
     log(json.dumps(row))
-    return row, out
+    return row, out, graph
+
+
+def no_modelopt_cuda_ext():
+    """ModelOpt JIT-builds two CUDA extensions for its fake quant (~65 s each, and a killed build
+    leaves a lock that hangs the next run). Without them it runs its torch formula, which is the
+    one the torch engine emulates, so the error columns are unchanged."""
+    from modelopt.torch.quantization import extensions
+
+    extensions.get_cuda_ext.extension = None
+    extensions.get_cuda_ext_fp8.extension = None
 
 
 def quantized_copy(unet, precision, level, inputs):
@@ -74,24 +148,41 @@ def quantized_copy(unet, precision, level, inputs):
     return model
 
 
+def print_table(rows, log):
+    log(f"{'variant':30} {'ms':>7} {'graph':>7} {'launch':>7} {'speedup':>7} {'TFLOP/s':>7} "
+        f"{'foot MB':>7} {'mem':>5} {'err':>7}  device ms: gemm/conv/attn/triton/other")
+    for r in rows:
+        k = r["device_ms_by_kind"]
+        err = r.get("rel_err_vs_fakequant", r.get("rel_err_vs_fp16", ""))
+        log(f"{r['variant']:30} {r['ms']:7.2f} {r['cuda_graph_ms'] or 0:7.2f} {r['launched_ms']:7.2f} "
+            f"{r['speedup']:7.3f} {r['tflops']:7.1f} {r['footprint_mb']:7d} {r.get('memory_vs_fp16', 1.0):5.2f} "
+            f"{err!s:>7}  {k['gemm']}/{k['conv']}/{k['attention']}/{k['triton']}/{k['other']}")
+
+
 def main(argv=None):
     from ..device import describe_device, require_cuda, require_fp8
-    from ..engines.qmodules import convert_to_real_quant
+    from ..engines.qmodules import QuantConv2d, convert_to_real_quant
     from ..models import arch_unet, unet_example_inputs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sdxl-base-1.0")
-    parser.add_argument("--precisions", default="int8,fp8")
+    parser.add_argument("--precisions", default="fp8,int8")
     parser.add_argument("--level", type=float, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=1024)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("--out", default="unet_bench.json")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--conv", choices=("gemm", "float"), default="gemm",
+                        help="8-bit convs as 8-bit GEMMs (gemm) or as fp16 convs on dequantized weights (float)")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no further 8-bit variant after this many seconds (each compiles for minutes)")
+    parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     require_cuda("UNet benchmark")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     level = int(args.level) if args.level == int(args.level) else args.level
+    began = time.time()
 
     torch.manual_seed(0)
     unet = arch_unet(args.arch, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
@@ -100,34 +191,44 @@ def main(argv=None):
     log(f"{args.arch}: {flops / 1e12:.2f} TFLOP per step at batch {args.batch}, {args.resolution}px")
     with torch.no_grad():
         reference = unet(**inputs).sample
-    rows = []
-    base, _ = measure("torch.compile fp16", unet, inputs, flops, args.warmup, args.iters, log)
+    result = {"arch": args.arch, "batch": args.batch, "resolution": args.resolution, "level": level,
+              "conv": args.conv, "flops_per_step": flops, "device": describe_device("cuda"),
+              "torch": torch.__version__, "rows": []}
+    rows = result["rows"]
+    base, _, base_graph = measure("torch.compile fp16", unet, inputs, flops, args, log)
     rows.append(base | {"speedup": 1.0, "rel_err_vs_fp16": 0.0})
+    write_json(Path(args.out) / "unet_bench.json", result)
+    no_modelopt_cuda_ext()
     for precision in args.precisions.split(","):
+        if time.time() - began > args.budget_s:
+            log(f"{precision}: skipped, {time.time() - began:.0f} s spent of a {args.budget_s:.0f} s budget")
+            result.setdefault("skipped", []).append(precision)
+            continue
         if precision == "fp8":
             require_fp8("cuda")
         fake = quantized_copy(unet, precision, level, inputs)
         with torch.no_grad():
             fake_out = fake(**inputs).sample
         real, counts = convert_to_real_quant(fake)
+        convs = [m for m in real.modules() if isinstance(m, QuantConv2d)]
+        for conv in convs:
+            conv.use_gemm = conv.gemm_ok and args.conv == "gemm"
+        counts["conv_as_gemm"] = sum(bool(c.use_gemm) for c in convs)
         log(f"{precision}: converted {counts}")
-        row, out = measure(f"torch engine {precision} L{level}", real, inputs, flops, args.warmup, args.iters, log)
-        rows.append(row | {"speedup": round(base["ms"] / row["ms"], 3),
+        row, out, _ = measure(f"torch engine {precision} L{level}", real, inputs, flops, args, log)
+        rows.append(row | {"counts": counts, "speedup": round(base["ms"] / row["ms"], 3),
+                           "memory_vs_fp16": round(row["footprint_mb"] / base["footprint_mb"], 3),
                            "rel_err_vs_fakequant": round(relative_error(fake_out, out), 4),
                            "rel_err_vs_fp16": round(relative_error(reference, out), 4),
                            "fakequant_rel_err_vs_fp16": round(relative_error(reference, fake_out), 4)})
-        del fake, real
-    # The baseline again, last, to show the clock did not drift between variants.
-    again, _ = measure("torch.compile fp16 (again)", unet, inputs, flops, args.warmup, args.iters, log)
-    rows.append(again | {"speedup": round(base["ms"] / again["ms"], 3)})
-    result = {"arch": args.arch, "batch": args.batch, "resolution": args.resolution, "level": level,
-              "flops_per_step": flops, "device": describe_device("cuda"), "rows": rows}
-    write_json(args.out, result)
-    header = f"{'variant':34} {'ms':>8} {'speedup':>8} {'TFLOP/s':>8} {'peak MB':>8} {'err':>8}"
-    log(header)
-    for r in rows:
-        err = r.get("rel_err_vs_fakequant", r.get("rel_err_vs_fp16", ""))
-        log(f"{r['variant']:34} {r['ms']:8.2f} {r['speedup']:8.3f} {r['tflops']:8.1f} {r['peak_mb']:8d} {err!s:>8}")
+        del fake, real, fake_out
+        write_json(Path(args.out) / "unet_bench.json", result)
+    if base_graph is not None:  # the baseline again, last: the clock did not drift between variants
+        again = time_calls(base_graph.replay, args.warmup, args.iters, "cuda")
+        result["fp16_cuda_graph_ms_again"] = round(again["median"], 3)
+        log(f"torch.compile fp16 again (CUDA graph): {again['median']:.2f} ms")
+    write_json(Path(args.out) / "unet_bench.json", result)
+    print_table(rows, log)
     return result
 
 

@@ -17,15 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quantdiff.engines.gemm8 import conv2d_as_gemm, fp8_matmul, int8_dequantize, int8_matmul
 from quantdiff.errors import ConfigError
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 _TINY_AMAX = 1.0 / (1 << 24)  # ModelOpt treats amax below fp16's smallest subnormal as 0
-
-# Seam for 8-bit convolution kernels (a later GPU issue adds Triton ones). A kernel registered
-# under (format, device type) is called as kernel(module, x) and replaces the dequantized conv.
-CONV_KERNELS = {}
+# cuBLASLt's fp8 fast accumulation on the GPU: fewer promotions of the partial sums to float32,
+# as TensorRT's FP8 GEMMs do; the error it adds is measured by `python -m quantdiff.bench.unet`.
+FP8_FAST_ACCUM = True
 
 
 # ---------------------------------------------------------------- grids
@@ -136,20 +136,6 @@ def _round_up(n, multiple):
 
 # ---------------------------------------------------------------- linears
 
-def int8_matmul(a, w):
-    """(m, k) int8 @ (n, k)^T int8 -> (m, n) int32 through torch._int_mm.
-
-    CPU takes any shape. cuBLASLt needs m > 16 and k, n multiples of 8: k and n are padded once at
-    build time (Int8Linear), and m is padded here with zero rows (a symbolic amount, so dynamic batch
-    exports without a guard) then sliced off.
-    """
-    if a.is_cuda:
-        rows = a.shape[0]
-        a = F.pad(a, (0, 0, 0, torch.sym_max(17 - rows, 0)))
-        return torch._int_mm(a, w.t())[:rows]
-    return torch._int_mm(a, w.t())
-
-
 class Int8Linear(nn.Module):
     """INT8 weight (per-channel) x INT8 activation (per-tensor static) linear, int32 accumulate."""
 
@@ -178,10 +164,7 @@ class Int8Linear(nn.Module):
         if self.weight.shape[1] != self.in_features:
             xq = F.pad(xq, (0, self.weight.shape[1] - self.in_features))
         acc = int8_matmul(xq, self.weight)[:, : self.out_features]
-        out = acc.float() * self.out_scale
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype).reshape(*lead, self.out_features)
+        return int8_dequantize(acc, self.out_scale, self.bias, x.dtype).reshape(*lead, self.out_features)
 
     def dequantized_weight(self, dtype=torch.float32):
         w = self.weight[: self.out_features, : self.in_features]
@@ -194,6 +177,8 @@ class Int8Linear(nn.Module):
 
 class FP8Linear(nn.Module):
     """FP8 e4m3 per-tensor weight x activation linear through torch._scaled_mm."""
+
+    fast_accum = FP8_FAST_ACCUM
 
     def __init__(self, qlinear, where="linear"):
         super().__init__()
@@ -216,14 +201,9 @@ class FP8Linear(nn.Module):
         xq = self.act.quantize(x.reshape(-1, self.in_features))
         if self.weight.shape[1] != self.in_features:
             xq = F.pad(xq.view(torch.int8), (0, self.weight.shape[1] - self.in_features)).view(xq.dtype)
-        rows = xq.shape[0]
-        if xq.is_cuda:  # some cuBLASLt versions also want m % 16 == 0; symbolic pad, no export guard
-            xq = F.pad(xq.view(torch.int8), (0, 0, 0, (-rows) % 16)).view(torch.float8_e4m3fn)
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=self.act.back, scale_b=self.weight_scale,
-                               out_dtype=x.dtype)
-        out = out[:rows, : self.out_features]
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        out = fp8_matmul(xq, self.weight, self.act.back, self.weight_scale, x.dtype, self.bias, self.fast_accum)
+        if out.shape[1] != self.out_features:
+            out = out[:, : self.out_features]
         return out.reshape(*lead, self.out_features)
 
     def dequantized_weight(self, dtype=torch.float32):
@@ -238,33 +218,49 @@ class FP8Linear(nn.Module):
 
 class QuantConv2d(nn.Module):
     """Conv2d with an 8-bit stored weight (int8 per-channel or fp8 per-tensor) and a static
-    fake-quantized input. PyTorch has no 8-bit conv, so the conv runs in the compute dtype on the
-    dequantized weight (exact emulation); CONV_KERNELS is where real 8-bit kernels plug in."""
+    per-tensor input quantizer.
+
+    On the GPU it runs as one 8-bit GEMM over the input's patches (gemm8.conv2d_as_gemm) when the
+    channel counts suit cuBLASLt; elsewhere, and when `use_gemm` is False, it is the exact
+    fake-quant emulation (a float conv on the dequantized weight). `use_gemm` None means: decide
+    by device. The weight is kept channels_last, the layout the GEMM reads without a copy.
+    """
+
+    fast_accum = FP8_FAST_ACCUM
 
     def __init__(self, qconv, where="conv"):
         super().__init__()
         if qconv.padding_mode != "zeros":
             raise ConfigError(f"{where}: padding_mode {qconv.padding_mode!r} is not supported")
-        self.stride, self.padding = qconv.stride, qconv.padding
+        self.kernel_size, self.stride, self.padding = qconv.kernel_size, qconv.stride, qconv.padding
         self.dilation, self.groups = qconv.dilation, qconv.groups
         self.in_channels, self.out_channels = qconv.in_channels, qconv.out_channels
         self.act = StaticQuant.from_quantizer(qconv.input_quantizer, f"{where}.input_quantizer")
         self.fmt, wq, factor = _weight_8bit(qconv.weight, qconv.weight_quantizer, f"{where}.weight_quantizer")
-        self.register_buffer("weight", wq)
+        self.register_buffer("weight", wq.contiguous(memory_format=torch.channels_last))
         self.register_buffer("weight_factor", factor.clone())  # int8: divisor; fp8: multiplier
         self.register_buffer("bias", _copy_or_none(qconv.bias))
+        k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        # cuBLASLt: k and n multiples of 16 (fp8; int8 needs 8); string padding ("same") is not handled
+        self.gemm_ok = (self.groups == 1 and k % 16 == 0 and self.out_channels % 16 == 0
+                        and isinstance(self.padding, tuple))
+        self.use_gemm = None
+        if self.fmt == "int8":  # int32 sums -> float: 1 / (input grid * weight grid) per out channel
+            grid = (self.act.to_grid * factor.reshape(-1)).expand(self.out_channels)
+            self.register_buffer("gemm_scale", torch.where(grid == 0, torch.zeros_like(grid), 1 / grid))
 
     def dequantized_weight(self, dtype=torch.float32):
         return _dequantize_weight(self.fmt, self.weight, self.weight_factor, dtype)
 
     def forward(self, x):
-        kernel = CONV_KERNELS.get((self.fmt, x.device.type))
-        if kernel is not None:
-            return kernel(self, x)
+        use_gemm = self.use_gemm if self.use_gemm is not None else (x.is_cuda and self.gemm_ok)
+        if use_gemm:
+            return conv2d_as_gemm(self, x)
         return self.reference_forward(x)
 
     def reference_forward(self, x):
-        return F.conv2d(self.act(x), self.dequantized_weight(x.dtype), self.bias,
+        # contiguous: a channels_last weight would change the float conv's summation order
+        return F.conv2d(self.act(x), self.dequantized_weight(x.dtype).contiguous(), self.bias,
                         self.stride, self.padding, self.dilation, self.groups)
 
 
