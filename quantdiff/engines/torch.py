@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
+from quantdiff.engines.cpu_lowering import lower_fp8_gemm
 from quantdiff.errors import ConfigError, CorruptArtifactError
 from quantdiff.io import atomic_path
 
@@ -135,6 +136,13 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
             program = torch.export.export(wrapper, inputs)
         info["export_s"] = round(time.perf_counter() - t0, 2)
         log(f"engine: exported in {info['export_s']} s, dynamic {info['dynamic_dims'] or 'none'}")
+        if inputs[0].device.type == "cpu":  # oneDNN's fp8 GEMM can be ~1000x slow: see cpu_lowering
+            t0 = time.perf_counter()
+            program, lowered = lower_fp8_gemm(program)
+            if lowered:
+                info["cpu_fp8_gemm"] = {"emulated_float32": lowered, "lower_s": round(time.perf_counter() - t0, 2)}
+                log(f"engine: {lowered} fp8 GEMMs emulated in float32 for the CPU "
+                    f"in {info['cpu_fp8_gemm']['lower_s']} s")
 
         t0 = time.perf_counter()
         meta = _metadata(unet, inputs, counts)
