@@ -72,7 +72,7 @@ def profile_step(fn, out_file, calls=3):
                 kinds["triton"] += event.self_device_time_total
     ms = {k: round(v / calls / 1000, 3) for k, v in kinds.items()}
     ms["other"] = round(ms["total"] - ms["gemm"] - ms["conv"] - ms["attention"] - ms["triton"], 3)
-    table = prof.key_averages(group_by_input_shape=True).table(sort_by="device_time_total", row_limit=80,
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by="device_time_total", row_limit=400,
                                                                max_name_column_width=60, max_shapes_column_width=70)
     Path(out_file).write_text(table)
     return ms
@@ -172,8 +172,9 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--conv", choices=("gemm", "float"), default="gemm",
-                        help="8-bit convs as 8-bit GEMMs (gemm) or as fp16 convs on dequantized weights (float)")
+    parser.add_argument("--conv", choices=("auto", "gemm", "float"), default="auto",
+                        help="8-bit convs as 8-bit GEMMs (gemm: all that cuBLASLt takes; auto: those where it "
+                             "pays) or as fp16 convs on dequantized weights (float)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no further 8-bit variant after this many seconds (each compiles for minutes)")
     parser.add_argument("--out", default="unet_bench")
@@ -212,8 +213,8 @@ def main(argv=None):
         real, counts = convert_to_real_quant(fake)
         convs = [m for m in real.modules() if isinstance(m, QuantConv2d)]
         for conv in convs:
-            conv.use_gemm = conv.gemm_ok and args.conv == "gemm"
-        counts["conv_as_gemm"] = sum(bool(c.use_gemm) for c in convs)
+            conv.use_gemm = {"auto": None, "gemm": True, "float": False}[args.conv]
+        counts["conv_as_gemm"] = sum(c.runs_as_gemm(on_gpu=True) for c in convs)
         log(f"{precision}: converted {counts}")
         row, out, _ = measure(f"torch engine {precision} L{level}", real, inputs, flops, args, log)
         rows.append(row | {"counts": counts, "speedup": round(base["ms"] / row["ms"], 3),

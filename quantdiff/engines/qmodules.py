@@ -26,6 +26,10 @@ _TINY_AMAX = 1.0 / (1 << 24)  # ModelOpt treats amax below fp16's smallest subno
 # cuBLASLt's fp8 fast accumulation on the GPU: fewer promotions of the partial sums to float32,
 # as TensorRT's FP8 GEMMs do; the error it adds is measured by `python -m quantdiff.bench.unet`.
 FP8_FAST_ACCUM = True
+# A conv as a GEMM first writes its patch matrix (kh*kw times the input); that costs about 1/N of
+# the GEMM's own time for N output channels. On an H200 (SDXL, docs/PERF.md) the 8-bit GEMM beat
+# cuDNN's fp16 conv from 640 output channels up and lost at 320.
+GEMM_MIN_OUT_CHANNELS = 640
 
 
 # ---------------------------------------------------------------- grids
@@ -221,9 +225,10 @@ class QuantConv2d(nn.Module):
     per-tensor input quantizer.
 
     On the GPU it runs as one 8-bit GEMM over the input's patches (gemm8.conv2d_as_gemm) when the
-    channel counts suit cuBLASLt; elsewhere, and when `use_gemm` is False, it is the exact
-    fake-quant emulation (a float conv on the dequantized weight). `use_gemm` None means: decide
-    by device. The weight is kept channels_last, the layout the GEMM reads without a copy.
+    channel counts suit cuBLASLt (`gemm_ok`) and the GEMM pays (GEMM_MIN_OUT_CHANNELS); elsewhere,
+    and when `use_gemm` is False, it is the exact fake-quant emulation (a float conv on the
+    dequantized weight). `use_gemm` None means: decide so; True forces the GEMM where it is ok.
+    The weight is kept channels_last, the layout the GEMM reads without a copy.
     """
 
     fast_accum = FP8_FAST_ACCUM
@@ -252,15 +257,23 @@ class QuantConv2d(nn.Module):
     def dequantized_weight(self, dtype=torch.float32):
         return _dequantize_weight(self.fmt, self.weight, self.weight_factor, dtype)
 
+    def runs_as_gemm(self, on_gpu):
+        if self.use_gemm is None:
+            return on_gpu and self.gemm_ok and self.out_channels >= GEMM_MIN_OUT_CHANNELS
+        return self.use_gemm and self.gemm_ok
+
     def forward(self, x):
-        use_gemm = self.use_gemm if self.use_gemm is not None else (x.is_cuda and self.gemm_ok)
-        if use_gemm:
+        if self.runs_as_gemm(x.is_cuda):
             return conv2d_as_gemm(self, x)
         return self.reference_forward(x)
 
     def reference_forward(self, x):
-        # contiguous: a channels_last weight would change the float conv's summation order
-        return F.conv2d(self.act(x), self.dequantized_weight(x.dtype).contiguous(), self.bias,
+        # The weight in the input's memory format: cuDNN's fast NHWC kernels on a channels_last
+        # input (the GPU); on a contiguous one the float sums run in ModelOpt's order (bit-exact).
+        layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        weight = self.dequantized_weight(x.dtype).contiguous(memory_format=layout)
+        return F.conv2d(self.act(x), weight, self.bias,
                         self.stride, self.padding, self.dilation, self.groups)
 
 
