@@ -1,0 +1,31 @@
+"""The GPU UNet-step benchmark entry: what can be checked without a GPU (its refusal, its table)."""
+import pytest
+import torch
+
+from quantdiff.bench import unet as bench_unet
+from quantdiff.errors import MissingBackendError
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_refuses_without_gpu_before_building_anything(tmp_path):
+    with pytest.raises(MissingBackendError, match="UNet benchmark stage needs a CUDA GPU"):
+        bench_unet.main(["--out", str(tmp_path / "bench")])
+    assert not (tmp_path / "bench").exists()
+
+
+def test_table_shows_the_time_not_in_any_kind():
+    rows = [{"variant": "torch engine fp8 L3", "ms": 28.5, "cuda_graph_ms": 28.5, "launched_ms": 59.1,
+             "speedup": 1.12, "tflops": 474.4, "footprint_mb": 3206, "memory_vs_fp16": 0.612,
+             "rel_err_vs_fakequant": 0.0669,
+             "device_ms_by_kind": {"gemm": 10.744, "conv": 2.253, "attention": 4.608, "triton": 10.242}}]
+    lines = []
+    bench_unet.print_table(rows, lines.append)
+    assert "gemm/conv/attn/triton/rest" in lines[0]
+    assert lines[1].split()[-2:] == ["0.0669", "10.744/2.253/4.608/10.242/0.653"]
+    assert "1.120" in lines[1] and "0.61" in lines[1]
+
+
+def test_relative_error():
+    ref = torch.tensor([3.0, 4.0])
+    assert bench_unet.relative_error(ref, ref) == 0.0
+    assert bench_unet.relative_error(ref, torch.tensor([3.0, 4.5])) == pytest.approx(0.1)
