@@ -5,11 +5,7 @@ on every call. Here the static scales from calibration are frozen, weights are s
 and linears run an 8-bit GEMM. Each module keeps `reference_forward`: the fake-quant formula in
 plain PyTorch, bit-identical to ModelOpt's CPU path, so tests can tell rounding from bugs.
 
-Quantization grids (modelopt/torch/quantization/tensor_quant.py, CPU path):
-- int8: q = clamp(round_half_even(x * 127/amax), -127, 127) (narrow range; -128 when not narrow),
-  dequant q / (127/amax); amax <= 2**-24 quantizes to 0.
-- fp8 e4m3: q = e4m3(clamp(x * 448/amax, -448, 448)), dequant q * (1 / (448/amax)).
-Both compute in float32 and cast back to the input dtype.
+Quantization grids: quantdiff/quant/grids.py (ModelOpt's, bit for bit).
 """
 from collections import Counter
 
@@ -19,10 +15,8 @@ import torch.nn.functional as F
 
 from quantdiff.engines.gemm8 import conv2d_as_gemm, fp8_matmul, int8_dequantize, int8_matmul
 from quantdiff.errors import ConfigError
+from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8
 
-INT8_MAX = 127.0
-FP8_MAX = 448.0
-_TINY_AMAX = 1.0 / (1 << 24)  # ModelOpt treats amax below fp16's smallest subnormal as 0
 # cuBLASLt's fp8 fast accumulation on the GPU: fewer promotions of the partial sums to float32,
 # as TensorRT's FP8 GEMMs do; the error it adds is measured by `python -m quantdiff.bench.unet`.
 FP8_FAST_ACCUM = True
@@ -30,34 +24,6 @@ FP8_FAST_ACCUM = True
 # the GEMM's own time for N output channels. On an H200 (SDXL, docs/PERF.md) the 8-bit GEMM beat
 # cuDNN's fp16 conv from 640 output channels up and lost at 320.
 GEMM_MIN_OUT_CHANNELS = 640
-
-
-# ---------------------------------------------------------------- grids
-
-def _int8_scales(amax):
-    """(multiplier onto the grid, divisor back off it), exactly as ModelOpt computes them."""
-    amax = amax.detach().float()
-    zero = amax <= _TINY_AMAX
-    to_grid = torch.full_like(amax, INT8_MAX) / amax  # full_like/amax, not 127/amax: bit-identical
-    to_grid = torch.where(zero, torch.zeros_like(amax), to_grid)
-    from_grid = torch.where(zero, torch.ones_like(amax), to_grid)
-    return to_grid, from_grid
-
-
-def _fp8_scales(amax):
-    """(multiplier onto the e4m3 grid, multiplier back off it), as ModelOpt's _fp8_eager."""
-    amax = amax.detach().float()
-    safe = torch.where(amax <= _TINY_AMAX, torch.ones_like(amax), amax)
-    to_grid = FP8_MAX / safe
-    return to_grid, 1 / to_grid
-
-
-def quantize_int8(x, to_grid, min_bound=-INT8_MAX):
-    return torch.clamp(torch.round(x.float() * to_grid), min_bound, INT8_MAX).to(torch.int8)
-
-
-def quantize_fp8(x, to_grid):
-    return (x.float() * to_grid).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def quantizer_format(quantizer, where):
@@ -87,7 +53,7 @@ class StaticQuant(nn.Module):
         super().__init__()
         self.fmt = fmt
         self.min_bound = -INT8_MAX if narrow_range else -INT8_MAX - 1
-        to_grid, back = (_int8_scales if fmt == "int8" else _fp8_scales)(amax)
+        to_grid, back = (int8_scales if fmt == "int8" else fp8_scales)(amax)
         self.register_buffer("to_grid", to_grid)
         self.register_buffer("back", back)  # int8: divisor; fp8: multiplier (as ModelOpt does)
         self.register_buffer("pre_quant_scale", _copy_or_none(pre_quant_scale))
@@ -119,12 +85,12 @@ def _weight_8bit(weight, quantizer, where):
     fmt = quantizer_format(quantizer, where)
     amax = quantizer.amax.float()
     if fmt == "int8":
-        to_grid, divisor = _int8_scales(amax)
+        to_grid, divisor = int8_scales(amax)
         min_bound = -INT8_MAX if quantizer.narrow_range else -INT8_MAX - 1
         return fmt, quantize_int8(weight.detach(), to_grid, min_bound), divisor
     if amax.numel() != 1:
         raise ConfigError(f"{where}: fp8 weights must be per-tensor (axis=None) for the torch engine")
-    to_grid, back = _fp8_scales(amax.reshape(()))
+    to_grid, back = fp8_scales(amax.reshape(()))
     return fmt, quantize_fp8(weight.detach(), to_grid), back
 
 

@@ -13,15 +13,11 @@ import math
 
 import torch
 
+from .grids import fake_quant_int8
+
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0, 0.1, ..., 1.0
 ROWS_PER_LAYER = 256  # activation rows kept per linear (tokens), enough to rank alphas
 _EPS = 1.0 / (1 << 31)
-
-
-def fake_quant_int8(x, amax):
-    """Symmetric narrow-range INT8 quantize-dequantize with `amax` broadcast against x."""
-    scale = 127.0 / amax.clamp(min=_EPS)
-    return torch.clamp(torch.round(x * scale), -127, 127) / scale
 
 
 def smoothing_scale(act_amax, weight, alpha):
