@@ -16,7 +16,7 @@ import torch
 from ..io import write_json
 from .onnx_export import export_unet
 from .qdq import check_counts, qdq_summary
-from .stage import EXPORT_BATCH, in_export_dtype, load_onnx
+from .stage import EXPORT_BATCH, export_example_inputs, in_export_dtype, load_onnx
 
 
 def main(argv=None):
@@ -43,9 +43,7 @@ def main(argv=None):
     expected["fp8_attention"] = len(fp8_attention_layers(unet, level)) if args.precision == "fp8" else 0
     unet = in_export_dtype(quantized_copy(unet, args.precision, level, inputs), args.precision, level)
     log(f"built and calibrated in {time.time() - start:.0f} s; expected {expected}")
-    dtype = next(unet.parameters()).dtype
-    example = unet_example_inputs(unet, EXPORT_BATCH, args.resolution, dtype)
-    example["timestep"] = example["timestep"][:1]
+    example = export_example_inputs(unet, args.resolution)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "unet.onnx"
         info = export_unet(unet, "sdxl", example, args.opset, path, log)
@@ -54,7 +52,7 @@ def main(argv=None):
     check_counts(info, expected)  # raises when the graph's Q/DQ layers differ from the level's set
     info.pop("quantized_layers")
     info |= {"arch": args.arch, "precision": args.precision, "quant_level": level, "expected": expected,
-             "dtype": str(dtype).removeprefix("torch."), "total_seconds": round(time.time() - start, 1)}
+             "dtype": str(example["sample"].dtype).removeprefix("torch."), "total_seconds": round(time.time() - start, 1)}
     write_json(args.out, info)
     log(f"{args.precision} L{level}: layers {info['layers_by_kind']}, Q/DQ nodes {info['qdq_nodes']}, "
         f"{info['onnx_bytes'] / 1e9:.2f} GB, {info['total_seconds']} s")

@@ -75,16 +75,22 @@ def run_export(model_dir, ckpt, calib_record, settings, onnx_path, record_path, 
         raise
 
 
-def _export_and_check(model_dir, ckpt, calib_record, settings, onnx_path, record_path, log):
+def export_example_inputs(unet, resolution):
+    """The example inputs an export traces with, in the UNet's own dtype, on the CPU."""
     from ..models import unet_example_inputs
 
+    dtype = next(unet.parameters()).dtype
+    example = unet_example_inputs(unet, EXPORT_BATCH, resolution, dtype, "cpu")
+    # One timestep for the whole batch, shape [1]: what TensorRT's profile expects (a static input).
+    example["timestep"] = example["timestep"][:1]
+    return example
+
+
+def _export_and_check(model_dir, ckpt, calib_record, settings, onnx_path, record_path, log):
     precision, pipeline = settings["precision"], settings["pipeline"]
     level = read_json(calib_record)["settings"]["quant_level"] if calib_record else None
     unet = prepared_unet(model_dir, ckpt, precision, level)
-    dtype = next(unet.parameters()).dtype
-    example = unet_example_inputs(unet, EXPORT_BATCH, settings["resolution"], dtype, "cpu")
-    # One timestep for the whole batch, shape [1]: what TensorRT's profile expects (a static input).
-    example["timestep"] = example["timestep"][:1]
+    example = export_example_inputs(unet, settings["resolution"])
     info = export_unet(unet, pipeline, example, settings["opset"], onnx_path, log)
 
     graph = load_onnx(onnx_path)
@@ -104,7 +110,7 @@ def _export_and_check(model_dir, ckpt, calib_record, settings, onnx_path, record
         graph, n = fp8_to_standard_qdq(graph)
         save_onnx(graph, onnx_path)
         info["fp8_standard_qdq_rewritten"] = n
-    info |= {"precision": precision, "quant_level": level, "dtype": str(dtype).replace("torch.", ""),
+    info |= {"precision": precision, "quant_level": level, "dtype": str(example["sample"].dtype).replace("torch.", ""),
              "pipeline": pipeline, "example_batch": EXPORT_BATCH, "resolution": settings["resolution"]}
     write_json(record_path, info)
     return info
