@@ -1,0 +1,124 @@
+"""GEMM-level benchmark on the GPU: SDXL's linear shapes, fp16 against the 8-bit GEMM paths.
+
+    python -m quantdiff.bench.gemm --out gemm_bench.json
+
+Every 8-bit path starts from the fp16 activation (its quantization is part of the cost, as in the
+UNet) and is compiled twice: Inductor's default (cuBLASLt GEMM, quantize as its own kernel) and
+max-autotune (Inductor's Triton GEMM templates compete, with the quantize and the dequantize
+fusable into them). Timing is a CUDA graph of 20 calls, so launch overhead does not count. Each
+output is checked against the plain-PyTorch fake-quant GEMM (float32 on the dequantized values).
+"""
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..engines.gemm8 import fp8_matmul, int8_dequantize, int8_matmul
+from ..io import write_json
+from ..quant.grids import fp8_scales, int8_scales, quantize_fp8, quantize_int8
+
+# (tokens, in, out) of SDXL's linears at 1024 px, batch 2: FF in/out and attention at 32x32 and 64x64
+SHAPES = ((2048, 1280, 10240), (2048, 1280, 1280), (2048, 5120, 1280), (8192, 640, 640), (8192, 640, 5120))
+CALLS_PER_GRAPH = 20
+
+
+def gemm_operands(m, k, n, device="cuda", seed=0):
+    """fp16 activation and weight, and both 8-bit forms: static per-tensor activation scale,
+    per-tensor fp8 / per-channel int8 weight scales, as the torch engine stores them."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, k, generator=g, device=device).half()
+    w = (torch.randn(n, k, generator=g, device=device) / k ** 0.5).half()
+    x_to8, x_back8 = fp8_scales(x.abs().amax())
+    w_to8, w_back8 = fp8_scales(w.abs().amax())
+    x_toi, _ = int8_scales(x.abs().amax())
+    w_toi, w_divi = int8_scales(w.abs().amax(dim=1))
+    return {"x": x, "w16": w,
+            "fp8": {"to_grid": x_to8, "back": x_back8, "w": quantize_fp8(w, w_to8), "w_back": w_back8},
+            "int8": {"to_grid": x_toi, "w": quantize_int8(w, w_toi[:, None]), "out_scale": 1 / (x_toi * w_divi)}}
+
+
+def fp8_path(x, p):
+    return fp8_matmul(quantize_fp8(x, p["to_grid"]), p["w"], p["back"], p["w_back"], x.dtype, fast_accum=True)
+
+
+def int8_path(x, p):
+    return int8_dequantize(int8_matmul(quantize_int8(x, p["to_grid"]), p["w"]), p["out_scale"], None, x.dtype)
+
+
+def fake_quant_reference(x, p, fmt):
+    """The 8-bit GEMM's value in float32: the same quantized operands, dequantized, multiplied."""
+    if fmt == "fp8":
+        a = quantize_fp8(x, p["to_grid"]).float() * p["back"]
+        return a @ (p["w"].float() * p["w_back"]).t()
+    a = quantize_int8(x, p["to_grid"]).float()
+    return (a @ p["w"].float().t()) * p["out_scale"]
+
+
+def time_graph(fn, iters=20):
+    """Median microseconds per call of fn, replayed as CUDA graphs of CALLS_PER_GRAPH calls."""
+    from .timing import time_calls
+    from .unet import capture_cuda_graph
+
+    graph, _ = capture_cuda_graph(lambda: [fn() for _ in range(CALLS_PER_GRAPH)])
+    return time_calls(graph.replay, 3, iters, "cuda")["median"] * 1000 / CALLS_PER_GRAPH
+
+
+def measure_shape(m, k, n, modes, log):
+    ops = gemm_operands(m, k, n)
+    x = ops["x"]
+    flop = 2 * m * k * n
+    rows = []
+    paths = {"fp16": (lambda x: F.linear(x, ops["w16"]), None),
+             "fp8": (lambda x: fp8_path(x, ops["fp8"]), "fp8"),
+             "int8": (lambda x: int8_path(x, ops["int8"]), "int8")}
+    for mode in modes:
+        for name, (fn, fmt) in paths.items():
+            if name == "fp16" and mode != "default":
+                continue  # cuBLAS fp16 is what max-autotune would keep for a plain GEMM
+            torch._dynamo.reset()
+            start = time.time()
+            compiled = torch.compile(fn, mode=None if mode == "default" else mode)
+            with torch.no_grad():
+                out = compiled(x)
+                compile_s = time.time() - start
+                us = time_graph(lambda: compiled(x))
+            ref = F.linear(x.float(), ops["w16"].float()) if fmt is None else fake_quant_reference(x, ops[fmt], fmt)
+            err = float((out.float() - ref).norm() / ref.norm())
+            row = {"shape": [m, k, n], "path": name, "mode": mode, "us": round(us, 2),
+                   "tflops": round(flop / us / 1e6, 1), "rel_err_vs_reference": round(err, 6),
+                   "compile_s": round(compile_s, 1)}
+            rows.append(row)
+            log(json.dumps(row))
+    return rows
+
+
+def main(argv=None):
+    from ..device import describe_device, require_cuda
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default="default,max-autotune-no-cudagraphs")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new shape after this")
+    parser.add_argument("--out", default="gemm_bench.json")
+    args = parser.parse_args(argv)
+    require_cuda("GEMM benchmark")
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    began = time.time()
+    result = {"device": describe_device("cuda"), "torch": torch.__version__, "rows": []}
+    for m, k, n in SHAPES:
+        if time.time() - began > args.budget_s:
+            log(f"{m}x{k}x{n}: skipped by the budget")
+            continue
+        result["rows"] += measure_shape(m, k, n, args.modes.split(","), log)
+        write_json(args.out, result)
+    base = {tuple(r["shape"]): r["us"] for r in result["rows"] if r["path"] == "fp16"}
+    log(f"{'m x k x n':>18} {'path':5} {'mode':28} {'us':>8} {'vs fp16':>7} {'TFLOP/s':>8} {'rel err':>9}")
+    for r in result["rows"]:
+        log(f"{'x'.join(map(str, r['shape'])):>18} {r['path']:5} {r['mode']:28} {r['us']:8.2f} "
+            f"{base[tuple(r['shape'])] / r['us']:7.2f} {r['tflops']:8.1f} {r['rel_err_vs_reference']:9.2e}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Reference semantics of the GEMM benchmark's 8-bit paths, on the CPU (the GPU entry prints the
+same comparison for the compiled kernels)."""
+import pytest
+import torch
+
+from quantdiff.bench import gemm
+from quantdiff.errors import MissingBackendError
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_8bit_path_is_the_fake_quant_gemm(fmt):
+    ops = gemm.gemm_operands(40, 64, 48, device="cpu", seed=1)
+    path = gemm.fp8_path if fmt == "fp8" else gemm.int8_path
+    out = path(ops["x"], ops[fmt]).float()
+    ref = gemm.fake_quant_reference(ops["x"], ops[fmt], fmt)
+    plain = ops["x"].float() @ ops["w16"].float().t()
+    assert out.shape == (40, 48)
+    # same quantized operands: only the fp16 output rounding differs (measured ~2e-4)
+    assert (out - ref).norm() / ref.norm() < 1e-3
+    # and quantization is really there: the 8-bit result is not the fp16 GEMM
+    assert (ref - plain).norm() / plain.norm() > 1e-3
+
+
+def test_int8_weight_is_per_output_channel():
+    ops = gemm.gemm_operands(8, 32, 16, device="cpu")
+    w = ops["int8"]["w"]
+    assert w.dtype == torch.int8 and w.shape == (16, 32)
+    assert (w.abs().amax(dim=1) == 127).all()  # every row uses its full range
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_refuses_without_gpu(tmp_path):
+    with pytest.raises(MissingBackendError, match="GEMM benchmark stage needs a CUDA GPU"):
+        gemm.main(["--out", str(tmp_path / "g.json")])
+    assert not (tmp_path / "g.json").exists()
