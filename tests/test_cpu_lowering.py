@@ -1,4 +1,4 @@
-"""A CPU engine's FP8 GEMMs: written into the graph as a float32 emulation (engines/cpu_lowering).
+"""A CPU engine's FP8 GEMMs: traced into its graph as a float32 emulation (engines/cpu_lowering).
 
 On CPUs with AMX-INT8, torch._scaled_mm goes to oneDNN's reference fp8 kernel, ~1000x slower than
 the float32 GEMM: the fp8 bench of tiny-xl-shapes took 4.4 s per UNet step and did not finish.
@@ -19,7 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from quantdiff.engines import qmodules as qm  # noqa: E402
 from quantdiff.engines import torch as te  # noqa: E402
-from quantdiff.engines.cpu_lowering import count_scaled_mm, lower_fp8_gemm, scaled_mm_emulated  # noqa: E402
+from quantdiff.engines.cpu_lowering import EmulatedFP8Gemm, count_scaled_mm, scaled_mm_emulated  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_CONFIG = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
@@ -76,23 +76,26 @@ def fp8_mlp():
 
 
 @torch.no_grad()
-def test_lowering_replaces_every_fp8_gemm():
+def test_export_under_emulation_traces_no_scaled_mm():
     real = fp8_mlp()
     x = torch.randn(300, 64, generator=torch.Generator().manual_seed(3))
-    program = torch.export.export(real, (x,))
-    assert count_scaled_mm(program) == 2
-    lowered, replaced = lower_fp8_gemm(program)
-    assert replaced == 2 and count_scaled_mm(lowered) == 0
-    out = lowered.module()(x)
+    assert count_scaled_mm(torch.export.export(real, (x,))) == 2
+    with EmulatedFP8Gemm() as emulation:
+        program = torch.export.export(real, (x,))
+    assert emulation.count == 2 and count_scaled_mm(program) == 0
     # FP8Linear adds the bias after the GEMM, reference_forward inside F.linear: float rounding only
     reference = real[2].reference_forward(real[1](real[0].reference_forward(x)))
-    assert rel_max(out, reference) < 5e-6
+    assert rel_max(program.module()(x), reference) < 5e-6
 
 
-def test_lowering_leaves_programs_without_fp8_gemm_alone():
+@torch.no_grad()
+def test_emulation_leaves_other_ops_alone():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval()
-    program = torch.export.export(model, (torch.randn(2, 8),))
-    assert lower_fp8_gemm(program) == (program, 0)
+    x = torch.randn(2, 8)
+    with EmulatedFP8Gemm() as emulation:
+        program = torch.export.export(model, (x,))
+    targets = [n.target for n in program.graph.nodes]
+    assert emulation.count == 0 and targets == [n.target for n in torch.export.export(model, (x,)).graph.nodes]
 
 
 # ---------------------------------------------------------------- a packaged CPU engine
@@ -131,21 +134,24 @@ def cpu_fp8_engine(tmp_path_factory):
     return fake, real, plain, path, info
 
 
-def median_ms(fn, calls=7):
-    fn()
-    samples = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
+def median_ms_interleaved(fns, calls=9):
+    """Median ms of each fn, calls alternating so that load from other processes hits all alike."""
+    for fn in fns:
         fn()
-        samples.append((time.perf_counter() - t0) * 1000)
-    return sorted(samples)[calls // 2]
+    samples = [[] for _ in fns]
+    for _ in range(calls):
+        for fn, out in zip(fns, samples):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1000)
+    return [sorted(s)[calls // 2] for s in samples]
 
 
 @pytest.mark.slow
 def test_cpu_engine_calls_no_scaled_mm(cpu_fp8_engine):
     _, real, _, path, info = cpu_fp8_engine
     linears = sum(isinstance(m, qm.FP8Linear) for m in real.modules())
-    assert linears > 0 and info["cpu_fp8_gemm"]["emulated_float32"] == linears
+    assert linears > 0 and info["cpu_fp8_gemm_emulated"] == linears
     with zipfile.ZipFile(path) as package:
         wrappers = [n for n in package.namelist() if n.endswith("wrapper.cpp")]
         assert wrappers and not any(b"_scaled_mm" in package.read(n) for n in wrappers)
@@ -161,7 +167,7 @@ def test_cpu_engine_matches_fake_quant(cpu_fp8_engine):
     fake, _, _, path, _ = cpu_fp8_engine
     engine = te.EngineUNet.load(path)
     errors = []
-    for batch, seed in [(2, 5), (2, 8), (3, 8), (4, 8), (2, 11)]:  # dynamic batch kept by the lowering
+    for batch, seed in [(2, 5), (2, 8), (3, 8), (4, 8), (2, 11)]:  # traced at batch 2, dynamic
         x = unet_inputs(batch, seed)
         (out,) = engine(**x, return_dict=False)
         errors.append(rel_rms(out, fake(**x).sample))
@@ -172,10 +178,11 @@ def test_cpu_engine_matches_fake_quant(cpu_fp8_engine):
 @pytest.mark.slow
 @torch.no_grad()
 def test_cpu_engine_runs_at_float_speed(cpu_fp8_engine):
-    """oneDNN's reference fp8 GEMM made a step ~100x the eager float UNet's; emulated it is below it."""
+    """Through oneDNN's reference fp8 GEMM a step took ~250x the eager float UNet's (4.0 s against
+    16 ms); emulated, about as long (measured 0.5x-1x idle; other processes on the cores skew both)."""
     _, _, plain, path, _ = cpu_fp8_engine
     engine = te.EngineUNet.load(path)
     x = unet_inputs(2, 9)
-    engine_ms = median_ms(lambda: engine(**x, return_dict=False))
-    float_ms = median_ms(lambda: plain(**x))
-    assert engine_ms < 5 * float_ms, (engine_ms, float_ms)
+    engine_ms, float_ms = median_ms_interleaved([lambda: engine(**x, return_dict=False), lambda: plain(**x)])
+    assert engine_ms < 20 * float_ms, (engine_ms, float_ms)
+

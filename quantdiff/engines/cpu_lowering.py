@@ -1,4 +1,4 @@
-"""The FP8 GEMM of a CPU engine, written into the graph as PyTorch's own float32 emulation.
+"""The FP8 GEMMs of a CPU engine, traced into its graph as their float32 emulation.
 
 No CPU multiplies e4m3 natively. PyTorch's CPU `_scaled_mm` widens both operands to float32,
 scales them and runs a float32 matmul (`_scaled_mm_out_cpu_emulated` in ATen's Blas.cpp), except
@@ -8,13 +8,14 @@ ONEDNN_VERBOSE=1): measured ~1000x slower than the float32 GEMM (2048x64 @ 64x25
 2 ms), 4.4 s per tiny-xl-shapes UNet step against 12 ms for the int8 engine. Which path runs is
 decided per call by the CPU the engine lands on, so a CPU engine cannot rely on the fast one.
 
-`lower_fp8_gemm` replaces every `aten._scaled_mm` of an exported program with that emulation,
+Exported under `EmulatedFP8Gemm`, a CPU engine traces every `torch._scaled_mm` as that emulation,
 with the weight dequantized in its stored layout so the GEMM is the fake-quant formula's
 (F.linear on dequantized operands) bit for bit in eager; Inductor fuses the widening into the
 surrounding kernels. Weights stay stored in fp8. GPU engines are never lowered: cuBLASLt's fp8
 GEMM is the point of them.
 """
 import torch
+from torch.overrides import TorchFunctionMode
 
 SCALED_MM = torch.ops.aten._scaled_mm.default
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -43,13 +44,21 @@ def count_scaled_mm(program):
     return sum(node.target is SCALED_MM for node in program.graph.nodes)
 
 
-def lower_fp8_gemm(program):
-    """(program with every _scaled_mm emulated in float32, how many were replaced).
+class EmulatedFP8Gemm(TorchFunctionMode):
+    """Within it, torch._scaled_mm runs as scaled_mm_emulated, so torch.export traces the emulation.
 
-    The program comes back unchanged when it has none (int8, fp16): the decomposition retraces
-    the whole graph (30 s for tiny-xl-shapes on 2 cores, more than its export).
+    Replacing the call while tracing costs nothing; rewriting an exported program instead
+    (ExportedProgram.run_decompositions) retraces the whole graph: 35 s for tiny-xl-shapes on 2
+    cores. `count` is how many calls were replaced.
     """
-    found = count_scaled_mm(program)
-    if not found:
-        return program, 0
-    return program.run_decompositions({SCALED_MM: scaled_mm_emulated}), found
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._scaled_mm:
+            self.count += 1
+            return scaled_mm_emulated(*args, **kwargs)
+        return func(*args, **kwargs)

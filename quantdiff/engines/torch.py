@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from quantdiff.engines.cpu_lowering import lower_fp8_gemm
+from quantdiff.engines.cpu_lowering import EmulatedFP8Gemm
 from quantdiff.errors import ConfigError, CorruptArtifactError
 from quantdiff.io import atomic_path
 
@@ -104,6 +104,15 @@ def _metadata(unet, inputs, counts):
     return meta
 
 
+def _export(wrapper, inputs, dynamic_shapes=None):
+    """(torch.export program, fp8 GEMMs traced as their float32 emulation: CPU only, see cpu_lowering)."""
+    if inputs[0].device.type != "cpu":
+        return torch.export.export(wrapper, inputs, dynamic_shapes=dynamic_shapes), 0
+    with EmulatedFP8Gemm() as emulation:
+        program = torch.export.export(wrapper, inputs, dynamic_shapes=dynamic_shapes)
+    return program, emulation.count
+
+
 def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, counts=None):
     """torch.export + AOTInductor-package `unet` to `out_path` (engine.pt2), written atomically.
 
@@ -118,10 +127,10 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
     info = {"dynamic_dims": {}, "counts": counts or {}}
     t0 = time.perf_counter()
     with torch.no_grad(), _keep_dynamic_ranges():
-        program = None
+        program, emulated = None, 0
         for spatial in ((True, False) if dynamic else ()):
             try:
-                program = torch.export.export(wrapper, inputs, dynamic_shapes=_dynamic_shapes(unet, inputs, spatial))
+                program, emulated = _export(wrapper, inputs, _dynamic_shapes(unet, inputs, spatial))
                 info["dynamic_dims"] = {"batch": [2, MAX_BATCH]}
                 if spatial:
                     factor = _down_factor(unet)
@@ -133,16 +142,12 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
                     raise
                 log(f"engine: dynamic height/width did not export ({type(err).__name__}); batch only")
         if program is None:
-            program = torch.export.export(wrapper, inputs)
+            program, emulated = _export(wrapper, inputs)
         info["export_s"] = round(time.perf_counter() - t0, 2)
         log(f"engine: exported in {info['export_s']} s, dynamic {info['dynamic_dims'] or 'none'}")
-        if inputs[0].device.type == "cpu":  # oneDNN's fp8 GEMM can be ~1000x slow: see cpu_lowering
-            t0 = time.perf_counter()
-            program, lowered = lower_fp8_gemm(program)
-            if lowered:
-                info["cpu_fp8_gemm"] = {"emulated_float32": lowered, "lower_s": round(time.perf_counter() - t0, 2)}
-                log(f"engine: {lowered} fp8 GEMMs emulated in float32 for the CPU "
-                    f"in {info['cpu_fp8_gemm']['lower_s']} s")
+        if emulated:
+            info["cpu_fp8_gemm_emulated"] = emulated
+            log(f"engine: {emulated} fp8 GEMMs traced as their float32 emulation (CPU engine)")
 
         t0 = time.perf_counter()
         meta = _metadata(unet, inputs, counts)
