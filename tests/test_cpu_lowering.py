@@ -20,6 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 from quantdiff.engines import qmodules as qm  # noqa: E402
 from quantdiff.engines import torch as te  # noqa: E402
 from quantdiff.engines.cpu_lowering import EmulatedFP8Gemm, count_scaled_mm, scaled_mm_emulated  # noqa: E402
+from tiny_unets import tiny_sdxl_unet, unet_inputs  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_CONFIG = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
@@ -103,27 +104,12 @@ def test_emulation_leaves_other_ops_alone():
 def tiny_fp8_unets():
     """(ModelOpt FP8 fake-quant UNet, its real-quant conversion, the float UNet): SDXL-shaped,
     32/64 channels, head_dim 16, FP8 convs and linears."""
-    torch.manual_seed(0)
-    plain = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), cross_attention_dim=64, norm_num_groups=8, transformer_layers_per_block=1,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
-        use_linear_projection=True,
-    ).eval()
+    plain = tiny_sdxl_unet()
     fake = copy.deepcopy(plain)
     with torch.no_grad():
         mtq.quantize(fake, FP8_CONFIG, lambda m: [m(**unet_inputs(2, seed)) for seed in range(3)])
     real, _ = qm.convert_to_real_quant(copy.deepcopy(fake))
     return fake, real, plain
-
-
-def unet_inputs(batch, seed, size=16):
-    g = torch.Generator().manual_seed(seed)
-    return {"sample": torch.randn(batch, 4, size, size, generator=g), "timestep": torch.tensor(10.0),
-            "encoder_hidden_states": torch.randn(batch, 7, 64, generator=g),
-            "added_cond_kwargs": {"text_embeds": torch.randn(batch, 32, generator=g),
-                                  "time_ids": torch.randn(batch, 6, generator=g)}}
 
 
 @pytest.fixture(scope="module")

@@ -18,25 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 from quantdiff.engines import qmodules as qm  # noqa: E402
 from quantdiff.engines import torch as te  # noqa: E402
 from quantdiff.errors import CorruptArtifactError  # noqa: E402
-
-
-def tiny_sdxl_unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), cross_attention_dim=64, norm_num_groups=8, transformer_layers_per_block=1,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
-        use_linear_projection=True,
-    ).eval()
-
-
-def unet_inputs(batch, seed, size=16):
-    g = torch.Generator().manual_seed(seed)
-    return {"sample": torch.randn(batch, 4, size, size, generator=g), "timestep": torch.tensor(10.0),
-            "encoder_hidden_states": torch.randn(batch, 7, 64, generator=g),
-            "added_cond_kwargs": {"text_embeds": torch.randn(batch, 32, generator=g),
-                                  "time_ids": torch.randn(batch, 6, generator=g)}}
+from tiny_unets import tiny_sdxl_unet, unet_inputs  # noqa: E402
 
 
 def quant_config(num_bits, weight_axis, attention):
