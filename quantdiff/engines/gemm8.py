@@ -25,12 +25,14 @@ def fp8_matmul(a, weight, scale_a, scale_b, out_dtype, bias=None, fast_accum=Fal
     it is statically a multiple. The bias goes into the GEMM epilogue when it can (CUDA, same dtype).
     """
     rows = a.shape[0]
-    if a.is_cuda and not _known_multiple(rows, 16):
+    # decided on the Python side, never by comparing symbolic sizes (that would guard the export)
+    padded = a.is_cuda and not _known_multiple(rows, 16)
+    if padded:
         a = F.pad(a.view(torch.int8), (0, 0, 0, (-rows) % 16)).view(FP8)
     fuse_bias = bias is not None and a.is_cuda and bias.dtype == out_dtype and bias.shape[0] == weight.shape[0]
     out = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias if fuse_bias else None,
                            out_dtype=out_dtype, use_fast_accum=fast_accum and a.is_cuda)
-    if out.shape[0] != rows:
+    if padded:
         out = out[:rows]
     if bias is not None and not fuse_bias:
         out = out[:, : bias.shape[0]] + bias.to(out_dtype)

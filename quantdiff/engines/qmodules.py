@@ -17,8 +17,8 @@ from quantdiff.engines.gemm8 import conv2d_as_gemm, fp8_matmul, int8_dequantize,
 from quantdiff.errors import ConfigError
 from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8
 
-# cuBLASLt's fp8 fast accumulation on the GPU: fewer promotions of the partial sums to float32,
-# as TensorRT's FP8 GEMMs do; the error it adds is measured by `python -m quantdiff.bench.unet`.
+# cuBLASLt's fp8 fast accumulation on the GPU (fewer promotions of the partial sums to float32):
+# measured 7e-4 to 1.5e-3 relative error per GEMM on SDXL's shapes (docs/PERF.md, bench.gemm).
 FP8_FAST_ACCUM = True
 # A conv as a GEMM first writes its patch matrix (kh*kw times the input); that costs about 1/N of
 # the GEMM's own time for N output channels. On an H200 (SDXL, docs/PERF.md) the 8-bit GEMM beat
