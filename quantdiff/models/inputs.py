@@ -16,6 +16,12 @@ def unet_kind(unet):
     return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd"
 
 
+def sdxl_time_ids(resolution, batch, dtype=torch.float32, device="cpu"):
+    """SDXL's micro-conditioning for a square image seen whole: (original size, crop top-left, target size)."""
+    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype)
+    return ids.repeat(batch, 1).to(device)
+
+
 def unet_example_inputs(unet, batch: int, resolution: int, dtype=torch.float32, device="cpu", seed: int = 0):
     """Named inputs for `unet(**inputs)` at `batch` images of `resolution` pixels square.
 
@@ -42,10 +48,9 @@ def unet_example_inputs(unet, batch: int, resolution: int, dtype=torch.float32, 
     }
     if unet_kind(unet) == "sdxl":
         pooled_dim = cfg.projection_class_embeddings_input_dim - N_TIME_IDS * cfg.addition_time_embed_dim
-        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype)
         inputs["added_cond_kwargs"] = {
             "text_embeds": randn(batch, pooled_dim),
-            "time_ids": time_ids.repeat(batch, 1).to(device),
+            "time_ids": sdxl_time_ids(resolution, batch, dtype, device),
         }
     return inputs
 

@@ -27,7 +27,6 @@ from .tokenizer import load_tokenizer
 RESOLUTION = 64
 DEFAULT_SEED = 0
 TRAINED = ("vae", "unet")
-_TIME_IDS = [RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]
 
 
 def text_components(seed=DEFAULT_SEED):
@@ -98,7 +97,10 @@ def latent_pool(vae, device, seed, variants=8):
 def train_unet(unet, vae, embeds, pooled, steps, batch_size, lr, device, log, seed, ema_decay=0.999):
     from diffusers import DDPMScheduler
 
-    schedule = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    from .builtin import SDXL_SCHEDULER
+    from .inputs import sdxl_time_ids
+
+    schedule = DDPMScheduler.from_config(SDXL_SCHEDULER)  # the noise schedule the pipelines sample with
     schedule.alphas_cumprod = schedule.alphas_cumprod.to(device)
     index, means, stds = latent_pool(vae, device, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -106,7 +108,7 @@ def train_unet(unet, vae, embeds, pooled, steps, batch_size, lr, device, log, se
     warmup = max(1, steps // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    time_ids = torch.tensor(_TIME_IDS, dtype=torch.float32, device=device).repeat(batch_size, 1)
+    time_ids = sdxl_time_ids(RESOLUTION, batch_size, device=device)
     sf = vae.config.scaling_factor
     unet.train()
     for step in range(steps):
