@@ -115,8 +115,8 @@ def measure(name, module, inputs, flops, args, log):
 
 def no_modelopt_cuda_ext():
     """ModelOpt JIT-builds two CUDA extensions for its fake quant (~65 s each, and a killed build
-    leaves a lock that hangs the next run). Without them it runs its torch formula, which is the
-    one the torch engine emulates, so the error columns are unchanged."""
+    leaves a lock that hangs the next run). Without them it runs its torch formula, the one the
+    torch engine emulates, so the error columns compare against exactly that."""
     from modelopt.torch.quantization import extensions
 
     extensions.get_cuda_ext.extension = None
