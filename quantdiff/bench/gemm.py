@@ -15,9 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..engines.gemm8 import fp8_matmul, int8_dequantize, int8_matmul
+from ..engines.gemm8 import fp8_matmul, int8_dequantize, int8_matmul, int8_out_scale
 from ..io import write_json
 from ..quant.grids import fp8_scales, int8_scales, quantize_fp8, quantize_int8
+from .timing import capture_cuda_graph, time_calls
 
 # (tokens, in, out) of SDXL's linears at 1024 px, batch 2: FF in/out and attention at 32x32 and 64x64
 SHAPES = ((2048, 1280, 10240), (2048, 1280, 1280), (2048, 5120, 1280), (8192, 640, 640), (8192, 640, 5120))
@@ -36,7 +37,8 @@ def gemm_operands(m, k, n, device="cuda", seed=0):
     w_toi, w_divi = int8_scales(w.abs().amax(dim=1))
     return {"x": x, "w16": w,
             "fp8": {"to_grid": x_to8, "back": x_back8, "w": quantize_fp8(w, w_to8), "w_back": w_back8},
-            "int8": {"to_grid": x_toi, "w": quantize_int8(w, w_toi[:, None]), "out_scale": 1 / (x_toi * w_divi)}}
+            "int8": {"to_grid": x_toi, "w": quantize_int8(w, w_toi[:, None]),
+                     "out_scale": int8_out_scale(x_toi, w_divi, n)}}
 
 
 def fp8_path(x, p):
@@ -58,9 +60,6 @@ def fake_quant_reference(x, p, fmt):
 
 def time_graph(fn, iters=20):
     """Median microseconds per call of fn, replayed as CUDA graphs of CALLS_PER_GRAPH calls."""
-    from .timing import time_calls
-    from .unet import capture_cuda_graph
-
     graph, _ = capture_cuda_graph(lambda: [fn() for _ in range(CALLS_PER_GRAPH)])
     return time_calls(graph.replay, 3, iters, "cuda")["median"] * 1000 / CALLS_PER_GRAPH
 

@@ -31,6 +31,20 @@ def time_calls(fn, warmup, iters, device):
     return summarize_latency(samples)
 
 
+def capture_cuda_graph(fn):
+    """(graph, its output) for a capturable fn, warmed up on a side stream as CUDA graphs need."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class PeakMemory:
     """Peak GPU memory of one phase: what it allocated at its peak, plus the weights it brought.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..io import write_json
-from .timing import module_bytes, time_calls
+from .timing import capture_cuda_graph, module_bytes, time_calls
 
 # aten ops whose device time is a GEMM, a convolution or attention (no op here nests in another)
 OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "aten::_scaled_mm": "gemm",
@@ -35,20 +35,6 @@ def count_flops(unet, inputs):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(**inputs)
     return counter.get_total_flops()
-
-
-def capture_cuda_graph(fn):
-    """(graph, its output) for a capturable fn, warmed up on a side stream as CUDA graphs need."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def profile_step(fn, out_file, calls=3):

@@ -53,6 +53,13 @@ def int8_matmul(a, w):
     return torch._int_mm(a, w.t())
 
 
+def int8_out_scale(act_to_grid, weight_divisor, out_features):
+    """Per-output-channel factor from int32 sums back to float: 1 / (input grid * weight grid),
+    0 where either quantizer maps to 0 (ModelOpt's amax below 2**-24). Per-tensor weights expand."""
+    grid = (act_to_grid * weight_divisor.reshape(-1)).expand(out_features)
+    return torch.where(grid == 0, torch.zeros_like(grid), 1 / grid)
+
+
 def int8_dequantize(acc, out_scale, bias, dtype):
     """int32 sums -> dtype: one multiply per output channel, then the bias (float32 throughout)."""
     out = acc.float() * out_scale
@@ -101,5 +108,5 @@ def conv2d_as_gemm(conv, x):
     if conv.fmt == "fp8":
         out = fp8_matmul(a, weight, conv.act.back, conv.weight_factor, x.dtype, conv.bias, conv.fast_accum)
     else:
-        out = int8_dequantize(int8_matmul(a, weight), conv.gemm_scale, conv.bias, x.dtype)
+        out = int8_dequantize(int8_matmul(a, weight), conv.out_scale, conv.bias, x.dtype)
     return out.reshape(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantdiff.engines.gemm8 import conv2d_as_gemm, fp8_matmul, int8_dequantize, int8_matmul
+from quantdiff.engines.gemm8 import conv2d_as_gemm, fp8_matmul, int8_dequantize, int8_matmul, int8_out_scale
 from quantdiff.errors import ConfigError
 from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8
 
@@ -121,9 +121,7 @@ class Int8Linear(nn.Module):
         k_pad, n_pad = _round_up(self.in_features, 8), _round_up(self.out_features, 8)
         self.register_buffer("weight", F.pad(wq, (0, k_pad - self.in_features, 0, n_pad - self.out_features)))
         self.register_buffer("weight_divisor", w_div.clone())  # weight_int8 / divisor = fake-quant weight
-        # int32 sums -> float: one multiply by 1 / (act grid * weight grid) per output channel
-        grid = self.act.to_grid * w_div
-        self.register_buffer("out_scale", torch.where(grid == 0, torch.zeros_like(grid), 1 / grid))
+        self.register_buffer("out_scale", int8_out_scale(self.act.to_grid, w_div, self.out_features))
         self.register_buffer("bias", _copy_or_none(qlinear.bias))
 
     def forward(self, x):
@@ -216,9 +214,8 @@ class QuantConv2d(nn.Module):
         self.gemm_ok = (self.groups == 1 and k % 16 == 0 and self.out_channels % 16 == 0
                         and isinstance(self.padding, tuple))
         self.use_gemm = None
-        if self.fmt == "int8":  # int32 sums -> float: 1 / (input grid * weight grid) per out channel
-            grid = (self.act.to_grid * factor.reshape(-1)).expand(self.out_channels)
-            self.register_buffer("gemm_scale", torch.where(grid == 0, torch.zeros_like(grid), 1 / grid))
+        if self.fmt == "int8":
+            self.register_buffer("out_scale", int8_out_scale(self.act.to_grid, factor, self.out_channels))
 
     def dequantized_weight(self, dtype=torch.float32):
         return _dequantize_weight(self.fmt, self.weight, self.weight_factor, dtype)
