@@ -122,6 +122,27 @@ def test_conv_as_8bit_gemm_matches_fake_quant(precision, int8_pair, fp8_pair):
                                       for _, m in convs)
 
 
+def test_conv_gemm_choice(int8_pair, monkeypatch):
+    """Auto: the GEMM path only on the GPU, only where cuBLASLt takes the shape and from
+    GEMM_MIN_OUT_CHANNELS output channels; use_gemm forces it either way (never onto a bad shape)."""
+    convs = [m for m in int8_pair[1].modules() if isinstance(m, qm.QuantConv2d)]
+    monkeypatch.setattr(qm, "GEMM_MIN_OUT_CHANNELS", 64)  # the tiny UNet has 32 and 64 channels
+    chosen = {(m.out_channels, m.gemm_ok, m.runs_as_gemm(on_gpu=True)) for m in convs}
+    # conv_in (4 -> 32) and conv_out (32 -> 4) do not suit cuBLASLt
+    assert chosen == {(32, True, False), (64, True, True), (32, False, False), (4, False, False)}
+    assert not any(m.runs_as_gemm(on_gpu=False) for m in convs)
+    try:
+        for m in convs:
+            m.use_gemm = True
+        assert [m.runs_as_gemm(on_gpu=False) for m in convs] == [m.gemm_ok for m in convs]
+        for m in convs:
+            m.use_gemm = False
+        assert not any(m.runs_as_gemm(on_gpu=True) for m in convs)
+    finally:
+        for m in convs:
+            m.use_gemm = None
+
+
 @torch.no_grad()
 def test_int8_weights_are_stored_in_8_bits(int8_pair, fp8_pair):
     for _, module in real_modules(int8_pair[1]):
