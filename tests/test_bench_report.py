@@ -243,3 +243,25 @@ def test_documented_example_validates():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "BENCH_SCHEMA.md").read_text()
     validate_bench(json.loads(re.search(r"```json\n(.*?)```", doc, re.S).group(1)))
+
+
+def _cuda_graph(engine_ms=25.0, baseline_ms=32.0):
+    return {"unet_step_ms": engine_ms and _latency(engine_ms), "baseline_unet_step_ms": baseline_ms and _latency(baseline_ms),
+            "speedup": round(baseline_ms / engine_ms, 4) if engine_ms and baseline_ms else None,
+            "note": "both captured" if engine_ms and baseline_ms else "unet step: RuntimeError: capture"}
+
+
+def test_cuda_graph_section_is_optional_and_checked():
+    validate_bench(example_record(cuda_graph=_cuda_graph()))
+    validate_bench(example_record(cuda_graph=_cuda_graph(engine_ms=None)))
+    assert "$.cuda_graph: 'note' is a required property" in _error(
+        example_record(cuda_graph={k: v for k, v in _cuda_graph().items() if k != "note"}))
+    assert "$.cuda_graph.speedup" in _error(example_record(cuda_graph=_cuda_graph() | {"speedup": 0}))
+    assert "$.cuda_graph.unet_step_ms" in _error(example_record(cuda_graph=_cuda_graph() | {"unet_step_ms": {"n": 0}}))
+
+
+def test_summary_shows_the_cuda_graph_speedup_where_measured():
+    rows = summary_table([example_record(), example_record(model="gpu", cuda_graph=_cuda_graph())])
+    assert [r["speedup_graph"] for r in rows] == [1.28, None]
+    lines = summary_markdown([example_record(model="gpu", cuda_graph=_cuda_graph())]).splitlines()
+    assert "speedup (UNet, CUDA graphs)" in lines[0] and "| 1.20x | 1.28x |" in lines[2]

@@ -160,3 +160,35 @@ def test_truncated_checkpoint_is_a_clear_error(calibrated, tiny_xl_dir, tmp_path
     broken.write_bytes((out / "calib.pt").read_bytes()[:5000])
     with pytest.raises(CorruptArtifactError, match=r"calib.pt is corrupt or incomplete.*Delete it and rerun"):
         restore_calibrated_unet(load_unet(tiny_xl_dir), broken)
+
+
+@pytest.fixture
+def modelopt_extensions():
+    from modelopt.torch.quantization import extensions
+
+    loaders = (extensions.get_cuda_ext, extensions.get_cuda_ext_fp8)
+    saved = [loader.__dict__.pop("extension", "unset") for loader in loaders]
+    yield loaders
+    for loader, value in zip(loaders, saved):
+        loader.__dict__.pop("extension", None)
+        if value != "unset":
+            loader.extension = value
+
+
+@pytest.mark.parametrize("env, builds", [(None, True), ("1", True), ("0", False)])
+def test_modelopt_cuda_extension_switch(monkeypatch, modelopt_extensions, env, builds):
+    from quantdiff.quant.recipe import MODELOPT_CUDA_EXT_ENV, modelopt_cuda_extensions_from_env
+
+    if env is None:
+        monkeypatch.delenv(MODELOPT_CUDA_EXT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(MODELOPT_CUDA_EXT_ENV, env)
+    said = []
+    assert modelopt_cuda_extensions_from_env(said.append) is builds
+    # Skipped: the loaders already hold "no extension", so ModelOpt never tries a build.
+    assert [hasattr(loader, "extension") for loader in modelopt_extensions] == [not builds] * 2
+    if not builds:
+        assert all(loader() is None for loader in modelopt_extensions)
+        assert len(said) == 1 and said[0].startswith(f"{MODELOPT_CUDA_EXT_ENV}=0")
+    else:
+        assert said == []

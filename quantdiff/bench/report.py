@@ -154,6 +154,7 @@ COLUMNS = [
     ("unet_ms", "UNet step ms (median)"),
     ("baseline_ms", "baseline UNet step ms"),
     ("speedup", "speedup (UNet)"),
+    ("speedup_graph", "speedup (UNet, CUDA graphs)"),
     ("pipeline_ms", "pipeline ms (median)"),
     ("psnr_mean", "PSNR mean dB"),
     ("ssim_mean", "SSIM mean"),
@@ -199,6 +200,7 @@ def summary_table(records) -> list:
             "unet_ms": r["unet_step_ms"]["median"],
             "baseline_ms": r["baseline"]["unet_step_ms"]["median"],
             "speedup": r["speedup_vs_baseline"]["unet"],
+            "speedup_graph": (r.get("cuda_graph") or {}).get("speedup"),
             "pipeline_ms": r["pipeline_ms"]["median"],
             "psnr_mean": r["quality"]["psnr_db_mean"],
             "ssim_mean": r["quality"]["ssim_mean"],
@@ -210,7 +212,7 @@ def summary_table(records) -> list:
 
 
 _NUMBER_FORMATS = {
-    "unet_ms": "{:.2f}", "baseline_ms": "{:.2f}", "pipeline_ms": "{:.2f}", "speedup": "{:.2f}x",
+    "unet_ms": "{:.2f}", "baseline_ms": "{:.2f}", "pipeline_ms": "{:.2f}", "speedup": "{:.2f}x", "speedup_graph": "{:.2f}x",
     "psnr_mean": "{:.2f}", "ssim_mean": "{:.4f}", "sqnr_mean": "{:.2f}", "quant_level": "{:g}",
 }
 

@@ -11,7 +11,7 @@ from .quality import architecture_only, compare_with_reference
 from .reference import bench_device, evaluation_cases, generate
 from .report import format_caption, plot_sqnr, save_grid
 from .schema import validate_bench
-from .timing import PeakMemory, module_bytes, time_calls, timing_method
+from .timing import PeakMemory, module_bytes, time_calls, time_cuda_graph, timing_method
 
 PIPELINE_ITERS = 3  # whole-pipeline runs are long; the UNet step gets settings["iters"]
 
@@ -36,6 +36,24 @@ def pipeline_run(pipe, unet, case, settings):
         pipe.unet = unet
         generate(pipe, case["prompt"], case["seed"], settings, output_type="latent")
     return run
+
+
+def cuda_graph_timing(engine_step, baseline_step, warmup, iters, log=print):
+    """The UNet step of engine and baseline replayed as CUDA graphs: launched from Python, a
+    ~1500-kernel step can be bound by the CPU's launch rate, which hides what the kernels gain."""
+    result, failures = {}, []
+    for key, step in (("unet_step_ms", engine_step), ("baseline_unet_step_ms", baseline_step)):
+        result[key], why, graph = time_cuda_graph(step, warmup, iters)
+        del graph  # its memory pool
+        torch.cuda.empty_cache()
+        if why:
+            failures.append(f"{key.removesuffix('_ms').replace('_', ' ')}: {why}")
+    both = result["unet_step_ms"] and result["baseline_unet_step_ms"]
+    result["speedup"] = round(result["baseline_unet_step_ms"]["median"] / result["unet_step_ms"]["median"], 4) \
+        if both else None
+    result["note"] = "; ".join(failures) or "both captured"
+    log(f"CUDA graphs: {result['note']}; speedup {result['speedup']}")
+    return result
 
 
 def run_bench(model_dir, engine_path, backend, reference_dir, settings, out, log=print):
@@ -66,6 +84,8 @@ def run_bench(model_dir, engine_path, backend, reference_dir, settings, out, log
         base_step = time_calls(unet_step(compiled, inputs), max(warmup, 1), iters, device)
     base_pipeline = time_calls(pipeline_run(pipe, compiled, cases[0], settings), 1, PIPELINE_ITERS, device)
     log(f"baseline: UNet step median {base_step['median']:.2f} ms, pipeline {base_pipeline['median']:.1f} ms")
+    graphs = cuda_graph_timing(unet_step(engine, inputs), unet_step(compiled, inputs), warmup, iters, log) \
+        if device == "cuda" else None
 
     quality, ref_images, test_images, image_records = compare_with_reference(
         pipe, engine, cases, reference_dir, settings, out["images"], architecture_only(model_dir))
@@ -99,6 +119,8 @@ def run_bench(model_dir, engine_path, backend, reference_dir, settings, out, log
                                       ("prompts", settings["prompts"]))},
         "images": image_records,
     }
+    if graphs:
+        record["cuda_graph"] = graphs
     validate_bench(record)
     write_json(out["record"], record)
     log(f"speedup vs baseline: UNet {record['speedup_vs_baseline']['unet']}x; "

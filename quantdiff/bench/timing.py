@@ -45,6 +45,19 @@ def capture_cuda_graph(fn):
     return graph, out
 
 
+def time_cuda_graph(fn, warmup, iters):
+    """fn captured as one CUDA graph and replayed: the GPU time of a step without the CPU's launch
+    overhead. Returns (latency, None, graph), or (None, why, None) where fn cannot be captured
+    (a host sync, a CPU tensor). The graph holds its memory pool until the caller drops it."""
+    try:
+        graph, _ = capture_cuda_graph(fn)
+    except Exception as err:  # noqa: BLE001 - the caller records why and keeps the launched figure
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return None, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}", None
+    return time_calls(graph.replay, warmup, iters, "cuda"), None, graph
+
+
 class PeakMemory:
     """Peak GPU memory of one phase: what it allocated at its peak, plus the weights it brought.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..io import write_json
-from .timing import capture_cuda_graph, module_bytes, time_calls
+from .timing import module_bytes, time_calls, time_cuda_graph
 
 # aten ops whose device time is a GEMM, a convolution or attention (no op here nests in another)
 OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "aten::_scaled_mm": "gemm",
@@ -82,12 +82,9 @@ def measure(name, module, inputs, flops, args, log):
         launched = time_calls(step, args.warmup, args.iters, "cuda")
         activations_mb = (torch.cuda.max_memory_allocated() - resident) / 2**20
         kinds = profile_step(step, Path(args.out) / f"profile-{tag}.txt")
-        try:
-            graph, _ = capture_cuda_graph(step)
-            replayed = time_calls(graph.replay, args.warmup, args.iters, "cuda")
-        except Exception as err:  # noqa: BLE001 - report and go on with the launched figure
-            log(f"{name}: CUDA graph capture failed: {type(err).__name__}: {err}")
-            graph, replayed = None, None
+        replayed, failure, graph = time_cuda_graph(step, args.warmup, args.iters)
+        if failure:
+            log(f"{name}: CUDA graph capture failed: {failure}")
     weights_mb = module_bytes(module) / 2**20
     best = replayed or launched
     row = {"variant": name, "ms": round(best["median"], 3), "p10": round(best["p10"], 3), "p90": round(best["p90"], 3),
@@ -97,16 +94,6 @@ def measure(name, module, inputs, flops, args, log):
            "device_ms_by_kind": kinds}
     log(json.dumps(row))
     return row, out, graph
-
-
-def no_modelopt_cuda_ext():
-    """ModelOpt JIT-builds two CUDA extensions for its fake quant (~65 s each, and a killed build
-    leaves a lock that hangs the next run). Without them it runs its torch formula, the one the
-    torch engine emulates, so the error columns compare against exactly that."""
-    from modelopt.torch.quantization import extensions
-
-    extensions.get_cuda_ext.extension = None
-    extensions.get_cuda_ext_fp8.extension = None
 
 
 def quantized_copy(unet, precision, level, inputs):
@@ -144,6 +131,7 @@ def main(argv=None):
     from ..device import describe_device, require_cuda, require_fp8
     from ..engines.qmodules import QuantConv2d, convert_to_real_quant
     from ..models import arch_unet, unet_example_inputs
+    from ..quant.recipe import skip_modelopt_cuda_extensions
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sdxl-base-1.0")
@@ -180,7 +168,7 @@ def main(argv=None):
     base, _, base_graph = measure("torch.compile fp16", unet, inputs, flops, args, log)
     rows.append(base | {"speedup": 1.0, "rel_err_vs_fp16": 0.0})
     write_json(Path(args.out) / "unet_bench.json", result)
-    no_modelopt_cuda_ext()
+    skip_modelopt_cuda_extensions()  # the fake-quant reference then is the formula the engine emulates
     for precision in args.precisions.split(","):
         if time.time() - began > args.budget_s:
             log(f"{precision}: skipped, {time.time() - began:.0f} s spent of a {args.budget_s:.0f} s budget")

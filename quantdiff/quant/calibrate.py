@@ -11,7 +11,7 @@ from ..errors import CorruptArtifactError
 from ..io import atomic_path, write_json
 from .calibrators import STEP_CLOCK, StepRangePercentileCalibrator
 from .levels import check_level, count_by_kind, fp8_attention_layers, quantized_layers
-from .recipe import quant_config, smoothed_linears
+from .recipe import modelopt_cuda_extensions_from_env, quant_config, smoothed_linears
 from .smoothing import ActivationSampler, smooth_per_layer
 
 
@@ -64,6 +64,7 @@ def quantize_unet(pipe, settings, log=print):
     log(f"calibrating {precision} level {level}: {count_by_kind(layers)} layers, "
         f"{len(attention)} FP8 attention blocks, {len(prompts)} prompts x {settings['n_steps']} steps"
         + (", SmoothQuant alpha per layer" if auto_alpha else ""))
+    modelopt_cuda_extensions_from_env(log)
     hook = unet.register_forward_pre_hook(STEP_CLOCK.tick)
     progress = tqdm(total=len(prompts) * settings["n_steps"], desc="calibrate (prompt x step)", unit="step")
     try:

@@ -1,5 +1,12 @@
 """ModelOpt quantization configs for a quant level (list format, deny-all first)."""
+import os
+
 from .calibrators import StepRangePercentileCalibrator
+
+# ModelOpt JIT-builds CUDA kernels for its fake quant on first GPU use (~1 min each, cached under
+# ~/.cache/torch_extensions; a killed build leaves a lock that hangs the next). "0" here makes it
+# use its torch formula instead, the one the torch engine emulates: for machines that start bare.
+MODELOPT_CUDA_EXT_ENV = "QUANTDIFF_MODELOPT_CUDA_EXT"
 
 FORMATS = {"int8": 8, "fp8": (4, 3)}  # (4, 3) is ModelOpt's spelling of float8 e4m3
 ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
@@ -45,3 +52,20 @@ def quant_config(precision, layers, attention, settings):
         for quantizer in ATTENTION_QUANTIZERS:
             entries.append({"quantizer_name": f"{name}.{quantizer}", "cfg": {"num_bits": FORMATS["fp8"], "axis": None}})
     return {"quant_cfg": entries, "algorithm": algorithm(precision, layers, settings)}
+
+
+def skip_modelopt_cuda_extensions():
+    """Make ModelOpt's fake quant run its torch formula rather than build its CUDA extensions."""
+    from modelopt.torch.quantization import extensions
+
+    extensions.get_cuda_ext.extension = None
+    extensions.get_cuda_ext_fp8.extension = None
+
+
+def modelopt_cuda_extensions_from_env(log=print):
+    """Honour MODELOPT_CUDA_EXT_ENV; True when ModelOpt may build and use its CUDA extensions."""
+    if os.environ.get(MODELOPT_CUDA_EXT_ENV, "1") != "0":
+        return True
+    skip_modelopt_cuda_extensions()
+    log(f"{MODELOPT_CUDA_EXT_ENV}=0: ModelOpt fake quant runs its torch formula (no CUDA extension build)")
+    return False
