@@ -17,7 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from quantdiff.engines import qmodules as qm  # noqa: E402
 from quantdiff.engines import torch as te  # noqa: E402
-from quantdiff.errors import CorruptArtifactError  # noqa: E402
+from quantdiff.errors import ConfigError, CorruptArtifactError  # noqa: E402
 from tiny_unets import tiny_sdxl_unet, unet_inputs  # noqa: E402
 
 
@@ -196,8 +196,10 @@ def test_int8_engine_round_trip_dynamic(int8_pair, int8_engine):
     real = int8_pair[1]
     path, info = int8_engine
     assert path.is_file() and info["package_bytes"] == path.stat().st_size
-    assert info["dynamic_dims"]["batch"] == [2, te.MAX_BATCH]
-    assert "height" in info["dynamic_dims"]
+    factor = 2 ** (len(real.config.block_out_channels) - 1)
+    assert info["dynamic_dims"] == info["shape_ranges"] == {
+        "batch": [2, te.MAX_BATCH], "height": [factor, factor * te.MAX_SPATIAL_BLOCKS],
+        "width": [factor, factor * te.MAX_SPATIAL_BLOCKS]}
     engine = te.EngineUNet.load(path)
     # the config travels as JSON in the package (tuples come back as lists, as from config.json)
     assert engine.config == json.loads(json.dumps(dict(real.config))) and engine.dtype == torch.float32 and engine.device.type == "cpu"
@@ -209,6 +211,42 @@ def test_int8_engine_round_trip_dynamic(int8_pair, int8_engine):
         assert out.shape == expected.shape
         # measured: exact at the traced shape; 2.9e-2 rms at 24x24 (other kernels, int8 flips)
         assert rel_rms(out, expected) < 0.08, (batch, size)
+
+
+def test_usable_ranges_start_batch_at_2_and_round_sides_to_the_down_factor(int8_pair):
+    real = int8_pair[1]
+    factor = 2 ** (len(real.config.block_out_channels) - 1)
+    assert factor > 1
+    got = te.usable_ranges(real, {"batch": (1, 8), "height": (factor + 1, 5 * factor - 1), "width": (factor, factor)})
+    assert got == {"batch": (2, 8), "height": (2 * factor, 4 * factor), "width": (factor, factor)}
+    assert te.usable_ranges(real, {"batch": (1, 1), "height": (8, 8), "width": (8, 8)})["batch"] == (1, 1)
+
+
+def test_example_outside_the_ranges_is_refused_before_export(int8_pair, tmp_path):
+    with pytest.raises(ConfigError, match=r"outside its shape ranges: batch 2 not in 4\.\.8"):
+        te.package_engine(int8_pair[1], unet_inputs(2, 5), tmp_path / "engine.pt2", log=lambda *_: None,
+                          ranges={"batch": (4, 8), "height": (16, 16), "width": (16, 16)})
+    assert not (tmp_path / "engine.pt2").exists()
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_static_profile_engine_says_what_it_was_built_for(int8_pair, tmp_path):
+    """engine.batch / engine.resolution with min == max give a static engine (faster to compile);
+    an input it was not built for is a clear error, not an AOTInductor assertion."""
+    real = int8_pair[1]
+    path = tmp_path / "engine.pt2"
+    info = te.package_engine(real, unet_inputs(2, 5), path, log=lambda *_: None,
+                             ranges={"batch": (2, 2), "height": (16, 16), "width": (16, 16)})
+    assert info["dynamic_dims"] == {} and info["shape_ranges"] == {"batch": [2, 2], "height": [16, 16],
+                                                                  "width": [16, 16]}
+    engine = te.EngineUNet.load(path)
+    x = unet_inputs(2, 7)
+    assert rel_rms(engine(**x, return_dict=False)[0], real(**x).sample) < 0.08
+    with pytest.raises(ConfigError, match=r"not built for this UNet input: batch 3 \(engine: 2\.\.2\)"):
+        engine(**unet_inputs(3, 7))
+    with pytest.raises(ConfigError, match=r"height 24 \(engine: 16\.\.16\), width 24"):
+        engine(**unet_inputs(2, 7, size=24))
 
 
 @pytest.mark.slow

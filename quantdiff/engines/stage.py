@@ -6,8 +6,7 @@ import torch
 
 from ..device import describe_device, require_cuda, require_fp8
 from ..io import write_json
-
-ENGINE_EXAMPLE_BATCH = 2  # one image with classifier-free guidance
+from .profile import opt_shape, optimization_profile, sample_ranges
 
 
 def engine_device(precision):
@@ -21,19 +20,22 @@ def engine_device(precision):
 
 def run_torch_engine(model_dir, ckpt, settings, out_path, record_path, log=print):
     from ..models import load_unet, unet_example_inputs
+    from ..models.inputs import VAE_SCALE_FACTOR
     from ..quant.calibrate import restore_calibrated_unet
     from .torch import build_torch_engine
 
     precision = settings["precision"]
     device, dtype = engine_device(precision)
+    profile = engine_profile(model_dir, settings)
     unet = load_unet(model_dir)
     if ckpt:
         restore_calibrated_unet(unet, ckpt)
     unet = unet.to(device=device, dtype=dtype).eval()
-    example = unet_example_inputs(unet, ENGINE_EXAMPLE_BATCH, settings["resolution"], dtype, device)
-    info = build_torch_engine(unet, precision, example, out_path, log=log)
+    batch, side = opt_shape(profile)  # built and tuned at the profile's opt point, like TensorRT
+    example = unet_example_inputs(unet, batch, side * VAE_SCALE_FACTOR, dtype, device)
+    info = build_torch_engine(unet, precision, example, out_path, log=log, ranges=sample_ranges(profile))
     record = {"backend": "torch", "precision": precision, "device": describe_device(device),
-              "build": info, "settings": settings}
+              "build": info, "profile": {k: list(v) for k, v in profile.items()}, "settings": settings}
     write_json(record_path, record)
     return record
 
@@ -42,13 +44,18 @@ def unet_config(model_dir):
     return json.loads((Path(model_dir) / "unet" / "config.json").read_text())
 
 
+def engine_profile(model_dir, settings):
+    """The (min, opt, max) UNet input shapes both backends build for (engine.batch, engine.resolution)."""
+    return optimization_profile(settings["pipeline"], unet_config(model_dir), settings["resolution"],
+                                settings["batch"], settings["resolution_range"], guidance=settings["guidance"])
+
+
 def run_tensorrt_engine(model_dir, onnx_path, settings, out_path, record_path, log=print):
-    from .tensorrt import build_plan, optimization_profile, require_tensorrt
+    from .tensorrt import build_plan, require_tensorrt
 
     require_tensorrt()
     require_cuda("engine (tensorrt)")
-    profile = optimization_profile(settings["pipeline"], unet_config(model_dir), settings["resolution"],
-                                   settings["batch"], settings["resolution_range"], guidance=settings["guidance"])
+    profile = engine_profile(model_dir, settings)
     info = build_plan(onnx_path, out_path, settings["precision"], profile, settings["optimization_level"],
                       settings["timing_cache"], log=log)
     record = {"backend": "tensorrt", "precision": settings["precision"], "device": describe_device("cuda"),

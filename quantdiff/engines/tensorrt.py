@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from ..device import require_cuda, require_fp8
 from ..errors import ConfigError, CorruptArtifactError, MissingBackendError, QuantdiffError
 from ..io import atomic_path
+from .profile import optimization_profile  # noqa: F401 - part of this module's API
 
 TORCH_BACKEND_HINT = (
     "set `engine: {backend: torch}` in config/config.yaml or run snakemake with "
@@ -42,7 +43,6 @@ PRECISION_FLAGS = {
 }
 OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT's builder_optimization_level: 0 fastest build, 5 most tactics
 OUTPUT_NAME = "out_sample"
-SDXL_TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
 
 # TensorRT DataType member names -> torch dtype attribute names.
 _TORCH_DTYPE_NAMES = {
@@ -63,57 +63,6 @@ class TensorRTError(QuantdiffError):
 
 
 # --------------------------------------------------------------------------- pure functions
-
-
-def optimization_profile(
-    pipeline: str,
-    unet_config: dict,
-    resolution: int,
-    batch: dict,
-    resolution_range: dict,
-    guidance: bool = True,
-    text_len: int = 77,
-) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """(min, opt, max) shape per named UNet input.
-
-    `batch` counts images per prompt batch; with classifier-free guidance the UNet sees twice
-    as many. `resolution_range` holds fractions of the model's square `resolution`. Each latent
-    side is pixels / 8 rounded down to a multiple of 2**(downsampling blocks), so every
-    down-sampled feature map keeps an integer size and the up path concatenates cleanly.
-    """
-    if pipeline not in ("sd", "sdxl"):
-        raise ConfigError(f"pipeline {pipeline!r} has no TensorRT profile; use sd or sdxl.")
-    batch_sizes = _ordered("engine.batch", batch, int)
-    if batch_sizes[0] < 1:
-        raise ConfigError(f"engine.batch.min is {batch_sizes[0]}; a batch holds at least 1 image.")
-    fractions = _ordered("engine.resolution", resolution_range, float)
-    multiple = 2 ** (len(unet_config["block_out_channels"]) - 1)
-    sides = []
-    for label, fraction in zip(("min", "opt", "max"), fractions):
-        side = int(resolution * fraction) // 8 // multiple * multiple
-        if side <= 0:
-            raise ConfigError(
-                f"engine.resolution.{label} = {fraction} of {resolution} px gives no latent: the side must be at "
-                f"least {8 * multiple} px for this UNet ({len(unet_config['block_out_channels'])} blocks)."
-            )
-        sides.append(side)
-    # Rounding down is monotone, so min <= opt <= max still holds for the sides.
-    unet_batch = [b * (2 if guidance else 1) for b in batch_sizes]
-
-    cross_dim = unet_config["cross_attention_dim"]
-    if isinstance(cross_dim, (list, tuple)):  # per-block dims; SD/SDXL use one value throughout
-        cross_dim = cross_dim[0]
-    channels = unet_config["in_channels"]
-    shapes = {
-        "sample": [(b, channels, s, s) for b, s in zip(unet_batch, sides)],
-        "timestep": [(1,)] * 3,
-        "encoder_hidden_states": [(b, text_len, cross_dim) for b in unet_batch],
-    }
-    if pipeline == "sdxl":
-        text_embeds = unet_config["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * unet_config["addition_time_embed_dim"]
-        shapes["text_embeds"] = [(b, text_embeds) for b in unet_batch]
-        shapes["time_ids"] = [(b, SDXL_TIME_IDS) for b in unet_batch]
-    return {name: tuple(triple) for name, triple in shapes.items()}
 
 
 def builder_settings(precision: str, optimization_level: int, strongly_typed: bool | None = None) -> dict:
@@ -380,18 +329,6 @@ class TensorRTUNet:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _ordered(key: str, triple: dict, kind) -> list:
-    try:
-        values = [kind(triple[k]) for k in ("min", "opt", "max")]
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{key} must be a mapping with numeric min, opt and max; got {triple!r}.") from None
-    if not values[0] <= values[1] <= values[2]:
-        raise ConfigError(f"{key} {triple} must satisfy min <= opt <= max.")
-    if values[0] <= 0:
-        raise ConfigError(f"{key}.min is {values[0]}; it must be positive.")
-    return values
 
 
 def _check_profile_fits(name, network_shape, shapes):

@@ -71,16 +71,51 @@ def _down_factor(unet):
     return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
-def _dynamic_shapes(unet, inputs, spatial):
-    """Batch dynamic on every input (2..63); latent height/width too when `spatial`."""
-    batch = torch.export.Dim("batch", min=2, max=MAX_BATCH)
-    shapes = [{0: batch} for _ in inputs]
-    if spatial:
-        factor = _down_factor(unet)
-        shapes[0] = {0: batch,
-                     2: factor * torch.export.Dim("height_blocks", min=1, max=MAX_SPATIAL_BLOCKS),
-                     3: factor * torch.export.Dim("width_blocks", min=1, max=MAX_SPATIAL_BLOCKS)}
+def default_ranges(unet):
+    """Shape ranges of an engine built without a profile: batch 2..63, latent sides up to 32 blocks."""
+    factor = _down_factor(unet)
+    side = (factor, factor * MAX_SPATIAL_BLOCKS)
+    return {"batch": (2, MAX_BATCH), "height": side, "width": side}
+
+
+def _example_ranges(inputs):
+    batch, _, height, width = inputs[0].shape
+    return {"batch": (batch, batch), "height": (height, height), "width": (width, width)}
+
+
+def _check_example_fits(inputs, ranges):
+    example = _example_ranges(inputs)
+    outside = [f"{name} {example[name][0]} not in {lo}..{hi}" for name, (lo, hi) in ranges.items()
+               if not lo <= example[name][0] <= hi]
+    if outside:
+        raise ConfigError(f"the engine's example input lies outside its shape ranges: {', '.join(outside)}")
+
+
+def _export_dims(unet, inputs, ranges):
+    """torch.export dynamic_shapes for `ranges` (batch on every input, latent height/width on the
+    sample); a range whose ends agree is a static dimension."""
+    lo, hi = ranges["batch"]
+    batch = torch.export.Dim("batch", min=lo, max=hi) if lo < hi else None
+    shapes = [{0: batch} if batch else {} for _ in inputs]
+    factor = _down_factor(unet)
+    for axis, name in ((2, "height"), (3, "width")):
+        lo, hi = ranges[name]
+        if lo < hi:
+            shapes[0][axis] = factor * torch.export.Dim(f"{name}_blocks", min=lo // factor, max=hi // factor)
     return tuple(shapes)
+
+
+def usable_ranges(unet, ranges):
+    """`ranges` as torch.export can take them: torch.export specializes a size-1 dimension, so a
+    dynamic batch starts at 2 (batch 1 works only as a static engine), and latent sides are
+    multiples of the down factor."""
+    factor = _down_factor(unet)
+    b_lo, b_hi = ranges["batch"]
+    out = {"batch": (min(max(b_lo, 2), b_hi), b_hi)}
+    for name in ("height", "width"):
+        lo, hi = ranges[name]
+        out[name] = (-(-lo // factor) * factor, hi // factor * factor)
+    return out
 
 
 @contextlib.contextmanager
@@ -113,45 +148,45 @@ def _export(wrapper, inputs, dynamic_shapes=None):
     return program, emulation.count
 
 
-def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, counts=None):
+def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, counts=None, ranges=None):
     """torch.export + AOTInductor-package `unet` to `out_path` (engine.pt2), written atomically.
 
-    `example_inputs` is a dict as for the UNet's forward. With `dynamic`, batch (2..63) and latent
-    height/width (multiples of the down factor, up to 32 of them) are dynamic; if the model does
-    not export with dynamic height/width, it falls back to dynamic batch only and says so.
-    Returns an info dict: export/compile seconds, package bytes, dynamic dims, counts.
+    `example_inputs` is a dict as for the UNet's forward; Inductor tunes for its shape. With
+    `dynamic`, the engine takes the batch and latent height/width `ranges` ({name: (min, max)}, the
+    engine profile's; `default_ranges` when None), static where min == max. If the model does not
+    export with dynamic height/width, it falls back to the example's and says so. Without
+    `dynamic` every shape is the example's. Returns an info dict: export/compile seconds, package
+    bytes, dynamic dims, shape ranges, counts.
     """
     unet = unet.eval()
     wrapper = (_SDXLUNetInputs if is_sdxl(unet) else _SDUNetInputs)(unet)
     inputs = engine_inputs(unet, example_inputs)
-    info = {"dynamic_dims": {}, "counts": counts or {}}
+    example = _example_ranges(inputs)
+    ranges = usable_ranges(unet, ranges or default_ranges(unet)) if dynamic else example
+    _check_example_fits(inputs, ranges)
+    info = {"counts": counts or {}}
     t0 = time.perf_counter()
     with torch.no_grad(), _keep_dynamic_ranges():
-        program, emulated = None, 0
-        for spatial in ((True, False) if dynamic else ()):
-            try:
-                program, emulated = _export(wrapper, inputs, _dynamic_shapes(unet, inputs, spatial))
-                info["dynamic_dims"] = {"batch": [2, MAX_BATCH]}
-                if spatial:
-                    factor = _down_factor(unet)
-                    info["dynamic_dims"].update(height=[factor, factor * MAX_SPATIAL_BLOCKS],
-                                                width=[factor, factor * MAX_SPATIAL_BLOCKS])
-                break
-            except Exception as err:  # noqa: BLE001 - a constraint failure: retry narrower
-                if not spatial:
-                    raise
-                log(f"engine: dynamic height/width did not export ({type(err).__name__}); batch only")
-        if program is None:
-            program, emulated = _export(wrapper, inputs)
+        try:
+            program, emulated = _export(wrapper, inputs, _export_dims(unet, inputs, ranges))
+        except Exception as err:  # noqa: BLE001 - a constraint failure: retry with the example's sides
+            if ranges["height"] == example["height"] and ranges["width"] == example["width"]:
+                raise
+            log(f"engine: dynamic height/width did not export ({type(err).__name__}); batch only")
+            ranges = dict(ranges, height=example["height"], width=example["width"])
+            program, emulated = _export(wrapper, inputs, _export_dims(unet, inputs, ranges))
+        info["shape_ranges"] = {name: list(r) for name, r in ranges.items()}
+        info["dynamic_dims"] = {name: list(r) for name, r in ranges.items() if r[0] < r[1]}
         info["export_s"] = round(time.perf_counter() - t0, 2)
-        log(f"engine: exported in {info['export_s']} s, dynamic {info['dynamic_dims'] or 'none'}")
+        log(f"engine: exported in {info['export_s']} s, dynamic {info['dynamic_dims'] or 'none'}, "
+            f"tuned for batch {example['batch'][0]} at {example['height'][0]}x{example['width'][0]} latents")
         if emulated:
             info["cpu_fp8_gemm_emulated"] = emulated
             log(f"engine: {emulated} fp8 GEMMs traced as their float32 emulation (CPU engine)")
 
         t0 = time.perf_counter()
         meta = _metadata(unet, inputs, counts)
-        meta["dynamic_dims"] = info["dynamic_dims"]
+        meta.update(dynamic_dims=info["dynamic_dims"], shape_ranges=info["shape_ranges"])
         with atomic_path(out_path) as tmp:
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(tmp),
@@ -186,11 +221,12 @@ class EngineUNet(nn.Module):
     cross_attention_kwargs, ControlNet residuals) raise instead of being silently dropped.
     """
 
-    def __init__(self, runner, config, dtype, device, add_embedding_in_features=None):
+    def __init__(self, runner, config, dtype, device, add_embedding_in_features=None, shape_ranges=None):
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
         self.runner = runner
+        self.shape_ranges = shape_ranges or {}
         self.config = FrozenDict(config)
         self._dtype, self._device = dtype, torch.device(device)
         self.sdxl = self.config.get("addition_embed_type") == "text_time"
@@ -204,13 +240,25 @@ class EngineUNet(nn.Module):
         if "config" not in meta:
             raise CorruptArtifactError(path, "no quantdiff metadata in the package")
         return cls(runner, meta["config"], getattr(torch, meta["dtype"]), meta["device"],
-                   meta.get("add_embedding_in_features"))
+                   meta.get("add_embedding_in_features"), meta.get("shape_ranges"))
 
     @classmethod
     def wrap(cls, runner, unet):
         """Adapter for a runner compiled from `unet` (keeps the original's attributes)."""
         feats = unet.add_embedding.linear_1.in_features if is_sdxl(unet) else None
-        return cls(runner, dict(unet.config), unet.dtype, unet.device, feats)
+        return cls(runner, dict(unet.config), unet.dtype, unet.device, feats,
+                   engine_metadata(runner).get("shape_ranges"))
+
+    def check_shape(self, sample):
+        """A clear error for a sample the engine was not built for (AOTInductor would only assert)."""
+        batch, _, height, width = sample.shape
+        outside = [f"{name} {size} (engine: {lo}..{hi})" for name, size in (("batch", batch), ("height", height),
+                                                                            ("width", width))
+                   for lo, hi in [self.shape_ranges.get(name, (size, size))] if not lo <= size <= hi]
+        if outside:
+            raise ConfigError(f"the engine was not built for this UNet input: {', '.join(outside)}; UNet batch "
+                              "counts both guidance halves, sizes are latents (pixels / 8). Widen engine.batch or "
+                              "engine.resolution in the config and rebuild the engine.")
 
     @property
     def dtype(self):
@@ -225,6 +273,7 @@ class EngineUNet(nn.Module):
         given = [k for k, v in unsupported.items() if v is not None]
         if timestep_cond is not None or cross_attention_kwargs or given:
             raise ConfigError(f"the torch engine was compiled without {given or 'timestep_cond/cross_attention_kwargs'}")
+        self.check_shape(sample)
         example = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states,
                    "added_cond_kwargs": added_cond_kwargs if self.sdxl else None}
         out = self.runner(*_positional(example, self.sdxl))
@@ -236,7 +285,7 @@ class EngineUNet(nn.Module):
         return UNet2DConditionOutput(sample=out)
 
 
-def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print):
+def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None):
     """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package.
 
     Returns package_engine's info dict plus precision and conversion counts.
@@ -249,6 +298,6 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     if precision != "fp16":
         unet, counts = convert_to_real_quant(unet)
         log(f"engine: converted {counts}")
-    info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts)
+    info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges)
     info["precision"] = precision
     return info
