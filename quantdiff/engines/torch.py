@@ -72,10 +72,11 @@ def _down_factor(unet):
 
 
 def default_ranges(unet):
-    """Shape ranges of an engine built without a profile: batch 2..63, latent sides up to 32 blocks."""
+    """Shape ranges of an engine built without a profile: batch 1..63, latent sides up to 32 blocks.
+    (torch.export specializes a size-1 dimension only when the example has it: examples use batch >= 2.)"""
     factor = _down_factor(unet)
     side = (factor, factor * MAX_SPATIAL_BLOCKS)
-    return {"batch": (2, MAX_BATCH), "height": side, "width": side}
+    return {"batch": (1, MAX_BATCH), "height": side, "width": side}
 
 
 def _example_ranges(inputs):
@@ -106,12 +107,9 @@ def _export_dims(unet, inputs, ranges):
 
 
 def usable_ranges(unet, ranges):
-    """`ranges` as torch.export can take them: torch.export specializes a size-1 dimension, so a
-    dynamic batch starts at 2 (batch 1 works only as a static engine), and latent sides are
-    multiples of the down factor."""
+    """`ranges` with latent sides rounded inwards to multiples of the UNet's down factor."""
     factor = _down_factor(unet)
-    b_lo, b_hi = ranges["batch"]
-    out = {"batch": (min(max(b_lo, 2), b_hi), b_hi)}
+    out = {"batch": tuple(ranges["batch"])}
     for name in ("height", "width"):
         lo, hi = ranges[name]
         out[name] = (-(-lo // factor) * factor, hi // factor * factor)
