@@ -17,21 +17,57 @@ def _known_multiple(n, multiple):
     return isinstance(n, int) and n % multiple == 0
 
 
+SCALED_MM = torch.ops.aten._scaled_mm.default
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def scaled_mm_emulated(mat_a, mat_b, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None):
+    """torch._scaled_mm as ATen's CPU emulation computes it (tensor-wise or row-wise scales):
+    widen to float32, scale, matmul, add the bias, cast. Every e4m3 value is exact in float32.
+
+    Why not ATen's own: on CPUs with AMX-INT8 (Sapphire Rapids and later) PyTorch hands tensor-wise
+    fp8 to oneDNN, which has no fp8 matmul kernel for the ISA and runs its reference one (`ref:any`
+    under ONEDNN_VERBOSE=1): measured ~1000x slower than the float32 GEMM (2048x64 @ 64x256: 2.8 s
+    against 2 ms), 4.4 s per tiny-xl-shapes UNet step against 12 ms for the int8 engine.
+    """
+    # The weight comes as the transposed view of an (n, k) buffer: dequantized in that layout and
+    # multiplied as F.linear does (A @ W^T); a contiguous (k, n) copy, as ATen makes, rounds
+    # differently on some shapes (e.g. 2 rows). So it is the fake-quant formula bit for bit.
+    weight = mat_b.t().float() * (scale_b.t() if scale_b.dim() == 2 else scale_b)
+    out = torch.mm(mat_a.float() * scale_a, weight.t())
+    if bias is not None:
+        out = out + bias
+    out_dtype = out_dtype or mat_a.dtype
+    if scale_result is not None and out_dtype in _FP8_DTYPES:
+        out = out * (1 / scale_result)
+    return out.to(out_dtype)
+
+
+def count_scaled_mm(program):
+    """torch._scaled_mm calls in an exported program's graph."""
+    return sum(node.target is SCALED_MM for node in program.graph.nodes)
+
+
 def fp8_matmul(a, weight, scale_a, scale_b, out_dtype, bias=None, fast_accum=False):
     """(m, k) e4m3 @ (n, k)^T e4m3 * scale_a * scale_b (+ bias) -> (m, n) in out_dtype.
 
-    cuBLASLt wants k and n multiples of 16 (callers pad weights once at build time) and, on some
-    versions, m too: m is padded here with zero rows by a symbolic amount (no export guard) unless
-    it is statically a multiple. The bias goes into the GEMM epilogue when it can (CUDA, same dtype).
+    On the GPU, cuBLASLt's fp8 GEMM: it wants k and n multiples of 16 (callers pad weights once at
+    build time) and, on some versions, m too: m is padded here with zero rows by a symbolic amount
+    (no export guard) unless it is statically a multiple. The bias goes into the GEMM epilogue when
+    it can (same dtype). On the CPU, which has no fp8 GEMM, `scaled_mm_emulated`; eager and exported
+    (a CPU engine's graph holds the float32 GEMM, which Inductor fuses with the widening).
     """
+    if not a.is_cuda:
+        out = scaled_mm_emulated(a, weight.t(), scale_a, scale_b, out_dtype=out_dtype)
+        return out if bias is None else out[:, : bias.shape[0]] + bias.to(out_dtype)
     rows = a.shape[0]
     # decided on the Python side, never by comparing symbolic sizes (that would guard the export)
-    padded = a.is_cuda and not _known_multiple(rows, 16)
+    padded = not _known_multiple(rows, 16)
     if padded:
         a = F.pad(a.view(torch.int8), (0, 0, 0, (-rows) % 16)).view(FP8)
-    fuse_bias = bias is not None and a.is_cuda and bias.dtype == out_dtype and bias.shape[0] == weight.shape[0]
+    fuse_bias = bias is not None and bias.dtype == out_dtype and bias.shape[0] == weight.shape[0]
     out = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias if fuse_bias else None,
-                           out_dtype=out_dtype, use_fast_accum=fast_accum and a.is_cuda)
+                           out_dtype=out_dtype, use_fast_accum=fast_accum)
     if padded:
         out = out[:rows]
     if bias is not None and not fuse_bias:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from quantdiff.engines.cpu_lowering import EmulatedFP8Gemm
+from quantdiff.engines.gemm8 import count_scaled_mm
 from quantdiff.errors import ConfigError, CorruptArtifactError
 from quantdiff.io import atomic_path
 
@@ -137,15 +137,6 @@ def _metadata(unet, inputs, counts):
     return meta
 
 
-def _export(wrapper, inputs, dynamic_shapes=None):
-    """(torch.export program, fp8 GEMMs traced as their float32 emulation: CPU only, see cpu_lowering)."""
-    if inputs[0].device.type != "cpu":
-        return torch.export.export(wrapper, inputs, dynamic_shapes=dynamic_shapes), 0
-    with EmulatedFP8Gemm() as emulation:
-        program = torch.export.export(wrapper, inputs, dynamic_shapes=dynamic_shapes)
-    return program, emulation.count
-
-
 def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, counts=None, ranges=None):
     """torch.export + AOTInductor-package `unet` to `out_path` (engine.pt2), written atomically.
 
@@ -166,21 +157,20 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
     t0 = time.perf_counter()
     with torch.no_grad(), _keep_dynamic_ranges():
         try:
-            program, emulated = _export(wrapper, inputs, _export_dims(unet, inputs, ranges))
+            program = torch.export.export(wrapper, inputs, dynamic_shapes=_export_dims(unet, inputs, ranges))
         except Exception as err:  # noqa: BLE001 - a constraint failure: retry with the example's sides
             if ranges["height"] == example["height"] and ranges["width"] == example["width"]:
                 raise
             log(f"engine: dynamic height/width did not export ({type(err).__name__}); batch only")
             ranges = dict(ranges, height=example["height"], width=example["width"])
-            program, emulated = _export(wrapper, inputs, _export_dims(unet, inputs, ranges))
+            program = torch.export.export(wrapper, inputs, dynamic_shapes=_export_dims(unet, inputs, ranges))
         info["shape_ranges"] = {name: list(r) for name, r in ranges.items()}
         info["dynamic_dims"] = {name: list(r) for name, r in ranges.items() if r[0] < r[1]}
         info["export_s"] = round(time.perf_counter() - t0, 2)
         log(f"engine: exported in {info['export_s']} s, dynamic {info['dynamic_dims'] or 'none'}, "
             f"tuned for batch {example['batch'][0]} at {example['height'][0]}x{example['width'][0]} latents")
-        if emulated:
-            info["cpu_fp8_gemm_emulated"] = emulated
-            log(f"engine: {emulated} fp8 GEMMs traced as their float32 emulation (CPU engine)")
+        # cuBLASLt fp8 GEMMs on the GPU; none on the CPU, where gemm8 emulates them in float32
+        info["scaled_mm_calls"] = count_scaled_mm(program)
 
         t0 = time.perf_counter()
         meta = _metadata(unet, inputs, counts)
