@@ -276,3 +276,15 @@ def test_garbage_engine_is_corrupt(tmp_path):
     garbage.write_bytes(b"not a package")
     with pytest.raises(CorruptArtifactError, match="garbage.pt2"):
         te.EngineUNet.load(garbage)
+
+
+def test_device_layout_is_channels_last_on_the_gpu_only():
+    def conv_weight_is_channels_last(module):
+        # a 1x1 kernel's strides are the same in both layouts
+        weights = [m.weight for m in module.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+        assert weights
+        return {w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights}
+
+    unet = tiny_sdxl_unet()
+    assert conv_weight_is_channels_last(te.device_layout(unet, "cpu")) == {False}
+    assert conv_weight_is_channels_last(te.device_layout(unet, torch.device("cuda"))) == {True}

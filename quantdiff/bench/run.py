@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from ..device import describe_device
+from ..engines.torch import device_layout
 from ..io import sha256, write_json
 from .quality import architecture_only, compare_with_reference
 from .reference import bench_device, evaluation_cases, generate
@@ -79,7 +80,7 @@ def run_bench(model_dir, engine_path, backend, reference_dir, settings, out, log
     log(f"engine: UNet step median {engine_step['median']:.2f} ms, pipeline {engine_pipeline['median']:.1f} ms")
 
     log("baseline: torch.compile of the plain UNet (compiling...)")
-    compiled = torch.compile(plain)
+    compiled = torch.compile(device_layout(plain, device))  # the layout the engine was built in
     with PeakMemory(device, module_bytes(plain)) as base_mem:
         base_step = time_calls(unet_step(compiled, inputs), max(warmup, 1), iters, device)
     base_pipeline = time_calls(pipeline_run(pipe, compiled, cases[0], settings), 1, PIPELINE_ITERS, device)

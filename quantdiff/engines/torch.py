@@ -273,6 +273,12 @@ class EngineUNet(nn.Module):
         return UNet2DConditionOutput(sample=out)
 
 
+def device_layout(unet, device):
+    """channels_last on the GPU, as docs/PERF.md measured the UNet: cuDNN's fp16 convs run NHWC
+    natively and a conv GEMM's patches are then strided views. The CPU keeps NCHW."""
+    return unet.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else unet
+
+
 def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None):
     """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package.
 
@@ -286,6 +292,7 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     if precision != "fp16":
         unet, counts = convert_to_real_quant(unet)
         log(f"engine: converted {counts}")
+    unet = device_layout(unet, next(unet.parameters()).device)  # after conversion, which makes new modules
     info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges)
     info["precision"] = precision
     return info
