@@ -4,7 +4,8 @@ side by side in one process, with FLOP rate, memory, output error and where the 
     python -m quantdiff.bench.unet --arch sdxl-base-1.0 --precisions fp8,int8 --out DIR
 
 Random weights (architecture only): speed does not depend on the values. Each variant is
-compiled once (torch.compile, default mode) and timed twice: launched from Python, and replayed
+compiled once (torch.compile, default mode; with --backend aoti the 8-bit ones are instead
+AOTInductor packages, as the engine stage ships them) and timed twice: launched from Python, and replayed
 as one CUDA graph (no launch overhead, which a ~1500-kernel UNet step otherwise pays on the
 CPU). The error columns compare the real 8-bit modules with the ModelOpt fake-quant model they
 were converted from (and with fp16). DIR gets unet_bench.json and one profile table per variant.
@@ -59,7 +60,28 @@ def profile_step(fn, out_file, calls=3):
     return {k: round(v / calls / 1000, 3) for k, v in kinds.items()}
 
 
-def measure(name, module, inputs, flops, args, log):
+def compiled_step(module, inputs, backend, workdir, log=print):
+    """One UNet step of `module` as a no-argument callable returning the noise prediction.
+
+    backend "compile": torch.compile (default mode). "aoti": what the engine stage ships, an
+    AOTInductor package built for exactly these input shapes and loaded back (workdir/engine.pt2).
+    """
+    if backend == "compile":
+        compiled = torch.compile(module)
+        return lambda: compiled(**inputs, return_dict=False)[0]
+    from ..engines.torch import engine_inputs, load_engine, package_engine
+
+    path = Path(workdir) / "engine.pt2"
+    package_engine(module, inputs, path, dynamic=False, log=log)
+    runner, positional = load_engine(path), engine_inputs(module, inputs)
+
+    def step():
+        out = runner(*positional)
+        return out[0] if isinstance(out, (list, tuple)) else out
+    return step
+
+
+def measure(name, module, inputs, flops, args, log, backend="compile"):
     """Compile, time (launched and as a CUDA graph), profile and take the memory of one variant."""
     tag = name.replace(" ", "_").replace(".", "")
     torch.cuda.synchronize()
@@ -69,10 +91,7 @@ def measure(name, module, inputs, flops, args, log):
     torch._dynamo.reset()
     resident = torch.cuda.memory_allocated()
     start = time.time()
-    compiled = torch.compile(module)
-
-    def step():
-        return compiled(**inputs, return_dict=False)[0]
+    step = compiled_step(module, inputs, backend, args.out, log)
 
     with torch.no_grad():
         out = step().clone()
@@ -85,7 +104,8 @@ def measure(name, module, inputs, flops, args, log):
         replayed, failure, graph = time_cuda_graph(step, args.warmup, args.iters)
         if failure:
             log(f"{name}: CUDA graph capture failed: {failure}")
-    weights_mb = module_bytes(module) / 2**20
+    # an AOTInductor package loads its own copy of the weights, counted in what the step allocated
+    weights_mb = module_bytes(module) / 2**20 if backend == "compile" else 0.0
     best = replayed or launched
     row = {"variant": name, "ms": round(best["median"], 3), "p10": round(best["p10"], 3), "p90": round(best["p90"], 3),
            "launched_ms": round(launched["median"], 3), "cuda_graph_ms": replayed and round(replayed["median"], 3),
@@ -144,6 +164,9 @@ def main(argv=None):
     parser.add_argument("--conv", choices=("auto", "gemm", "float"), default="auto",
                         help="8-bit convs as 8-bit GEMMs (gemm: all that cuBLASLt takes; auto: those where it "
                              "pays) or as fp16 convs on dequantized weights (float)")
+    parser.add_argument("--backend", choices=("compile", "aoti"), default="compile",
+                        help="8-bit variants through torch.compile, or packaged with AOTInductor as the engine stage "
+                             "ships them (static shapes; an SDXL package builds for over 4.5 minutes)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no further 8-bit variant after this many seconds (each compiles for minutes)")
     parser.add_argument("--out", default="unet_bench")
@@ -162,7 +185,7 @@ def main(argv=None):
     with torch.no_grad():
         reference = unet(**inputs).sample
     result = {"arch": args.arch, "batch": args.batch, "resolution": args.resolution, "level": level,
-              "conv": args.conv, "flops_per_step": flops, "device": describe_device("cuda"),
+              "conv": args.conv, "backend": args.backend, "flops_per_step": flops, "device": describe_device("cuda"),
               "torch": torch.__version__, "rows": []}
     rows = result["rows"]
     base, _, base_graph = measure("torch.compile fp16", unet, inputs, flops, args, log)
@@ -185,7 +208,9 @@ def main(argv=None):
             conv.use_gemm = {"auto": None, "gemm": True, "float": False}[args.conv]
         counts["conv_as_gemm"] = sum(c.runs_as_gemm(on_gpu=True) for c in convs)
         log(f"{precision}: converted {counts}")
-        row, out, _ = measure(f"torch engine {precision} L{level}", real, inputs, flops, args, log)
+        packaged = " (AOTInductor package)" if args.backend == "aoti" else ""
+        row, out, _ = measure(f"torch engine {precision} L{level}{packaged}", real, inputs, flops, args, log,
+                              args.backend)
         rows.append(row | {"counts": counts, "speedup": round(base["ms"] / row["ms"], 3),
                            "memory_vs_fp16": round(row["footprint_mb"] / base["footprint_mb"], 3),
                            "rel_err_vs_fakequant": round(relative_error(fake_out, out), 4),
