@@ -29,7 +29,7 @@ def optimization_profile(
     down-sampled feature map keeps an integer size and the up path concatenates cleanly.
     """
     if pipeline not in ("sd", "sdxl"):
-        raise ConfigError(f"pipeline {pipeline!r} has no TensorRT profile; use sd or sdxl.")
+        raise ConfigError(f"pipeline {pipeline!r} has no engine profile; use sd or sdxl.")
     batch_sizes = _ordered("engine.batch", batch, int)
     if batch_sizes[0] < 1:
         raise ConfigError(f"engine.batch.min is {batch_sizes[0]}; a batch holds at least 1 image.")

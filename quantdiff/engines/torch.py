@@ -240,9 +240,11 @@ class EngineUNet(nn.Module):
     def check_shape(self, sample):
         """A clear error for a sample the engine was not built for (AOTInductor would only assert)."""
         batch, _, height, width = sample.shape
-        outside = [f"{name} {size} (engine: {lo}..{hi})" for name, size in (("batch", batch), ("height", height),
-                                                                            ("width", width))
-                   for lo, hi in [self.shape_ranges.get(name, (size, size))] if not lo <= size <= hi]
+        outside = []
+        for name, size in (("batch", batch), ("height", height), ("width", width)):
+            lo, hi = self.shape_ranges.get(name, (size, size))
+            if not lo <= size <= hi:
+                outside.append(f"{name} {size} (engine: {lo}..{hi})")
         if outside:
             raise ConfigError(f"the engine was not built for this UNet input: {', '.join(outside)}; UNet batch "
                               "counts both guidance halves, sizes are latents (pixels / 8). Widen engine.batch or "
