@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 diffusers = pytest.importorskip("diffusers")
@@ -288,3 +289,40 @@ def test_device_layout_is_channels_last_on_the_gpu_only():
     unet = tiny_sdxl_unet()
     assert conv_weight_is_channels_last(te.device_layout(unet, "cpu")) == {False}
     assert conv_weight_is_channels_last(te.device_layout(unet, torch.device("cuda"))) == {True}
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)), ((1, 1), (1, 1), (0, 0), (1, 1)),
+    ((3, 2), (1, 2), (0, 1), (1, 1)), ((3, 3), (1, 1), (2, 2), (2, 2))])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_image_patches_are_torch_im2col(kernel, stride, padding, dilation, layout):
+    """Tap-major, channel-minor patches (the channels_last weight's order), on int8 values as the
+    conv GEMM gathers them; F.unfold is torch's own im2col (channel-major)."""
+    from quantdiff.engines.gemm8 import image_patches
+
+    x = torch.randint(-127, 128, (2, 5, 9, 7), dtype=torch.int8).contiguous(memory_format=layout)
+    patches = image_patches(x, kernel, stride, padding, dilation)
+    b, ho, wo, k = patches.shape
+    expected = F.unfold(x.float(), kernel, dilation, padding, stride)  # (b, c*kh*kw, ho*wo)
+    expected = expected.reshape(b, 5, kernel[0] * kernel[1], ho, wo).permute(0, 3, 4, 2, 1).reshape(b, ho, wo, k)
+    assert patches.dtype == torch.int8 and torch.equal(patches.float(), expected)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@torch.no_grad()
+def test_conv_gemm_exports_with_dynamic_shapes(precision, int8_pair, fp8_pair):
+    """The GPU engine exports the conv GEMM (quantize, int8-bit gather, GEMM) with dynamic batch and
+    sides: it must trace without guards that pin them, and agree with eager at other sizes."""
+    _, real, _ = int8_pair if precision == "int8" else fp8_pair
+    conv = next(m for m in real.modules() if isinstance(m, qm.QuantConv2d) and m.gemm_ok and m.kernel_size == (3, 3))
+    conv.use_gemm = True
+    try:
+        x = torch.randn(2, conv.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+        dims = {0: torch.export.Dim("b", min=1, max=8), 2: 2 * torch.export.Dim("h", min=2, max=16),
+                3: 2 * torch.export.Dim("w", min=2, max=16)}
+        program = torch.export.export(conv, (x,), dynamic_shapes=({**dims},))
+        for shape in [(2, 8, 8), (3, 12, 6), (1, 4, 32)]:
+            y = torch.randn(shape[0], conv.in_channels, *shape[1:], generator=torch.Generator().manual_seed(2))
+            assert torch.equal(program.module()(y), conv(y)), shape
+    finally:
+        conv.use_gemm = None

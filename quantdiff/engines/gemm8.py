@@ -3,8 +3,8 @@
 The GEMMs are cuBLASLt's (torch._scaled_mm for fp8 e4m3, torch._int_mm for int8). Everything around
 them is written so that torch.compile / AOTInductor can fuse it: the activation's quantization
 (scale, clamp, cast) folds into the kernel that produces the activation (norm, GELU, residual add),
-and a convolution's patch matrix (im2col) is one gather kernel that also quantizes. Shapes that
-are known at trace time skip the cuBLASLt padding, so a statically compiled UNet has none.
+and a convolution's patch matrix (im2col) is one copy kernel over its already quantized input. Shapes
+that are known at trace time skip the cuBLASLt padding, so a statically compiled UNet has none.
 """
 import torch
 import torch.nn.functional as F
@@ -114,16 +114,22 @@ def image_patches(x, kernel_size, stride, padding, dilation):
     """(b, ho, wo, kh*kw*c) patches of x (b, c, h, w): tap-major, channel-minor.
 
     That is the memory order of a channels_last conv weight (o, kh, kw, c), so the conv is
-    patches @ weight.reshape(o, -1)^T. On a channels_last x every tap is a strided view and the
-    concatenation is one gather kernel after Inductor fuses it.
+    patches @ weight.reshape(o, -1)^T. The windows are one strided view of the padded NHWC input
+    (Tensor.unfold), so the patch matrix is a single copy kernel: a torch.cat of the kh*kw taps
+    would be one kernel per tap once there are more than Inductor's max_pointwise_cat_inputs (8),
+    which the H200 profiles showed for 3x3 convs (docs/PERF.md).
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     xh = x.permute(0, 2, 3, 1)
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         return xh
+    b, c = x.shape[0], x.shape[1]
     ho = conv_output_size(x.shape[2], kh, sh, ph, dh)
     wo = conv_output_size(x.shape[3], kw, sw, pw, dw)
     xh = F.pad(xh, (0, 0, pw, pw, ph, ph))
+    if (dh, dw) == (1, 1):
+        windows = xh.unfold(1, kh, sh).unfold(2, kw, sw)  # (b, ho, wo, c, kh, kw), a view
+        return windows.permute(0, 1, 2, 4, 5, 3).reshape(b, ho, wo, kh * kw * c)
     taps = [xh[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw, :]
             for i in range(kh) for j in range(kw)]
     return torch.cat(taps, dim=-1)
@@ -133,13 +139,17 @@ def conv2d_as_gemm(conv, x):
     """A QuantConv2d (groups 1) as one 8-bit GEMM over x's patches; output is channels_last.
 
     Same quantization as the module's fake-quant formula (per-tensor static input, its 8-bit
-    weight); only the sums' order and precision differ (float32 / int32 accumulation).
+    weight); only the sums' order and precision differ (float32 / int32 accumulation). The input
+    is quantized before the gather: quantization is elementwise and maps the zero padding to 0,
+    so the patches are the same, and the gather (kh*kw times the input) moves 1-byte values. It
+    moves them as int8 bits, so padding and copying need no fp8 kernels.
     """
     if conv.act.pre_quant_scale is not None:
         x = x * conv.act.pre_quant_scale
-    patches = image_patches(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    xq = conv.act.quantize(x)
+    patches = image_patches(xq.view(torch.int8), conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     b, ho, wo, k = patches.shape
-    a = conv.act.quantize(patches.reshape(-1, k))
+    a = patches.reshape(-1, k).view(xq.dtype)
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, k)  # a view when channels_last
     if conv.fmt == "fp8":
         out = fp8_matmul(a, weight, conv.act.back, conv.weight_factor, x.dtype, conv.bias, conv.fast_accum)
