@@ -11,7 +11,8 @@
 # On Slurm none of this is needed: the executor gives each job its GPU (docs/CLUSTER.md).
 set -uo pipefail
 usage="usage: $0 MODEL PRECISION... [-- SNAKEMAKE_ARGS...]"
-model=${1:?$usage}; shift
+(($#)) || { echo "$usage" >&2; exit 2; }
+model=$1; shift
 precisions=()
 while (($#)) && [[ $1 != -- ]]; do precisions+=("$1"); shift; done
 (($#)) && shift
