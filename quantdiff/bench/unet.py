@@ -13,6 +13,7 @@ were converted from (and with fp16). DIR gets unet_bench.json and one profile ta
 import argparse
 import copy
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,20 +61,23 @@ def profile_step(fn, out_file, calls=3):
     return {k: round(v / calls / 1000, 3) for k, v in kinds.items()}
 
 
-def compiled_step(module, inputs, backend, workdir, log=print):
+def compiled_step(module, inputs, backend, log=print):
     """One UNet step of `module` as a no-argument callable returning the noise prediction.
 
     backend "compile": torch.compile (default mode). "aoti": what the engine stage ships, an
-    AOTInductor package built for exactly these input shapes and loaded back (workdir/engine.pt2).
+    AOTInductor package built for exactly these input shapes and loaded back (the package file,
+    ~2.5 GB for SDXL, is deleted once loaded: the loader keeps what it extracted).
     """
     if backend == "compile":
         compiled = torch.compile(module)
         return lambda: compiled(**inputs, return_dict=False)[0]
     from ..engines.torch import engine_inputs, load_engine, package_engine
 
-    path = Path(workdir) / "engine.pt2"
-    package_engine(module, inputs, path, dynamic=False, log=log)
-    runner, positional = load_engine(path), engine_inputs(module, inputs)
+    with tempfile.TemporaryDirectory(prefix="quantdiff-unet-bench-") as workdir:
+        path = Path(workdir) / "engine.pt2"
+        package_engine(module, inputs, path, dynamic=False, log=log)
+        runner = load_engine(path)
+    positional = engine_inputs(module, inputs)
 
     def step():
         out = runner(*positional)
@@ -91,7 +95,7 @@ def measure(name, module, inputs, flops, args, log, backend="compile"):
     torch._dynamo.reset()
     resident = torch.cuda.memory_allocated()
     start = time.time()
-    step = compiled_step(module, inputs, backend, args.out, log)
+    step = compiled_step(module, inputs, backend, log)
 
     with torch.no_grad():
         out = step().clone()
