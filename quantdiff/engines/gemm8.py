@@ -57,19 +57,20 @@ def fp8_matmul(a, weight, scale_a, scale_b, out_dtype, bias=None, fast_accum=Fal
     it can (same dtype). On the CPU, which has no fp8 GEMM, `scaled_mm_emulated`; eager and exported
     (a CPU engine's graph holds the float32 GEMM, which Inductor fuses with the widening).
     """
-    if not a.is_cuda:
+    fuse_bias = False
+    if a.is_cuda:
+        rows = a.shape[0]
+        # decided on the Python side, never by comparing symbolic sizes (that would guard the export)
+        padded = not _known_multiple(rows, 16)
+        if padded:
+            a = F.pad(a.view(torch.int8), (0, 0, 0, (-rows) % 16)).view(FP8)
+        fuse_bias = bias is not None and bias.dtype == out_dtype and bias.shape[0] == weight.shape[0]
+        out = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias if fuse_bias else None,
+                               out_dtype=out_dtype, use_fast_accum=fast_accum)
+        if padded:
+            out = out[:rows]
+    else:
         out = scaled_mm_emulated(a, weight.t(), scale_a, scale_b, out_dtype=out_dtype)
-        return out if bias is None else out[:, : bias.shape[0]] + bias.to(out_dtype)
-    rows = a.shape[0]
-    # decided on the Python side, never by comparing symbolic sizes (that would guard the export)
-    padded = not _known_multiple(rows, 16)
-    if padded:
-        a = F.pad(a.view(torch.int8), (0, 0, 0, (-rows) % 16)).view(FP8)
-    fuse_bias = bias is not None and bias.dtype == out_dtype and bias.shape[0] == weight.shape[0]
-    out = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias if fuse_bias else None,
-                           out_dtype=out_dtype, use_fast_accum=fast_accum)
-    if padded:
-        out = out[:rows]
     if bias is not None and not fuse_bias:
         out = out[:, : bias.shape[0]] + bias.to(out_dtype)
     return out
