@@ -154,6 +154,7 @@ def print_table(rows, log):
 def main(argv=None):
     from ..device import describe_device, require_cuda, require_fp8
     from ..engines.qmodules import QuantConv2d, convert_to_real_quant
+    from ..engines.torch import device_layout
     from ..models import arch_unet, unet_example_inputs
     from ..quant.recipe import skip_modelopt_cuda_extensions
 
@@ -182,7 +183,7 @@ def main(argv=None):
     began = time.time()
 
     torch.manual_seed(0)
-    unet = arch_unet(args.arch, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    unet = device_layout(arch_unet(args.arch, device="cuda", dtype=torch.float16), "cuda")
     inputs = unet_example_inputs(unet, args.batch, args.resolution, torch.float16, "cuda")
     flops = count_flops(unet, inputs)
     log(f"{args.arch}: {flops / 1e12:.2f} TFLOP per step at batch {args.batch}, {args.resolution}px")

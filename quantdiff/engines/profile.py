@@ -34,7 +34,7 @@ def optimization_profile(
     if batch_sizes[0] < 1:
         raise ConfigError(f"engine.batch.min is {batch_sizes[0]}; a batch holds at least 1 image.")
     fractions = _ordered("engine.resolution", resolution_range, float)
-    multiple = 2 ** (len(unet_config["block_out_channels"]) - 1)
+    multiple = down_factor(unet_config)
     sides = []
     for label, fraction in zip(("min", "opt", "max"), fractions):
         side = int(resolution * fraction) // 8 // multiple * multiple
@@ -62,6 +62,10 @@ def optimization_profile(
         shapes["time_ids"] = [(b, SDXL_TIME_IDS) for b in unet_batch]
     return {name: tuple(triple) for name, triple in shapes.items()}
 
+
+def down_factor(unet_config) -> int:
+    """How much the UNet shrinks a latent side (2 per down block but the last): sides are multiples of it."""
+    return 2 ** (len(unet_config["block_out_channels"]) - 1)
 
 
 def sample_ranges(profile: dict) -> dict[str, tuple[int, int]]:

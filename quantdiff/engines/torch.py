@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from quantdiff.engines.gemm8 import count_scaled_mm
+from quantdiff.engines.profile import down_factor
 from quantdiff.errors import ConfigError, CorruptArtifactError
 from quantdiff.io import atomic_path
 
@@ -68,7 +69,7 @@ def _positional(example_inputs, sdxl):
 
 
 def _down_factor(unet):
-    return 2 ** (len(unet.config.block_out_channels) - 1)
+    return down_factor(unet.config)
 
 
 def default_ranges(unet):
