@@ -36,3 +36,43 @@ def test_a_failed_capture_is_named_and_gives_no_speedup(monkeypatch):
     assert result["speedup"] is None and result["unet_step_ms"] == _latency(20.0)
     assert result["baseline_unet_step_ms"] is None
     assert result["note"] == "baseline unet step: RuntimeError: operation not permitted when stream is capturing"
+
+
+def test_gpu_bytes_in_use_counts_what_a_load_allocates_past_the_allocator(monkeypatch):
+    """An AOTInductor package's weights are cudaMalloc'ed beside PyTorch's caching allocator: a load of
+    2 GiB of those plus 8 MiB through the allocator (which reserves 20 MiB for it) is 2 GiB + 8 MiB."""
+    from quantdiff.bench import timing
+
+    total, gib, mib = 140 * 2**30, 2**30, 2**20
+    state = {"free": total - 600 * mib, "reserved": 100 * mib, "allocated": 90 * mib}  # 500 MiB context
+    for name in ("memory_reserved", "memory_allocated"):
+        monkeypatch.setattr(timing.torch.cuda, name, lambda name=name: state[name.removeprefix("memory_")])
+    monkeypatch.setattr(timing.torch.cuda, "mem_get_info", lambda: (state["free"], total))
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
+
+    before, beside = timing.cuda_bytes_in_use(), timing.cuda_bytes_beside_allocator()
+    assert beside == 500 * mib and before == 590 * mib
+    state.update(free=state["free"] - 2 * gib - 20 * mib, reserved=120 * mib, allocated=98 * mib)  # the load
+    assert timing.cuda_bytes_in_use() - before == 2 * gib + 8 * mib
+    assert timing.cuda_bytes_beside_allocator() - beside == 2 * gib
+
+
+def test_capture_runs_the_step_without_autograd(monkeypatch):
+    """A torch.compile'd step timed under no_grad and then captured with grad enabled recompiles inside
+    the capture, which fails (seen on the H200: BackendCompilerFailed); warm-up and capture run no_grad."""
+    import contextlib
+
+    from quantdiff.bench import timing
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(timing.torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(timing.torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(timing.torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(timing.torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(timing.torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    grad_modes = []
+    graph, out = timing.capture_cuda_graph(lambda: grad_modes.append(timing.torch.is_grad_enabled()) or "out")
+    assert out == "out" and grad_modes == [False] * 4  # 3 warm-up calls and the captured one

@@ -326,3 +326,13 @@ def test_conv_gemm_exports_with_dynamic_shapes(precision, int8_pair, fp8_pair):
             assert torch.equal(program.module()(y), conv(y)), shape
     finally:
         conv.use_gemm = None
+
+
+def test_engine_loads_without_the_runner_pools_thread_sync(tmp_path, monkeypatch):
+    """The default AOTInductor runner pool records and waits on CUDA events around each call, which a
+    CUDA graph capture forbids (on the H200: 'operation not permitted when stream is capturing')."""
+    calls = []
+    monkeypatch.setattr(te.torch._inductor, "aoti_load_package", lambda path, **kw: calls.append(kw) or "runner")
+    (tmp_path / "engine.pt2").write_bytes(b"stand-in")
+    assert te.load_engine(tmp_path / "engine.pt2") == "runner"
+    assert calls == [{"run_single_threaded": True}]

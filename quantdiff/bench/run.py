@@ -12,7 +12,7 @@ from .quality import architecture_only, compare_with_reference
 from .reference import bench_device, evaluation_cases, generate
 from .report import format_caption, plot_sqnr, save_grid
 from .schema import validate_bench
-from .timing import PeakMemory, module_bytes, time_calls, time_cuda_graph, timing_method
+from .timing import PeakMemory, cuda_bytes_in_use, module_bytes, time_calls, time_cuda_graph, timing_method
 
 PIPELINE_ITERS = 3  # whole-pipeline runs are long; the UNet step gets settings["iters"]
 
@@ -71,9 +71,9 @@ def run_bench(model_dir, engine_path, backend, reference_dir, settings, out, log
     warmup, iters = settings["warmup"], settings["iters"]
 
     log(f"bench {settings['precision']} ({backend}) on {device}: UNet batch {unet_batch}, {iters} timed steps")
-    before = torch.cuda.memory_allocated() if device == "cuda" else 0
+    before = cuda_bytes_in_use() if device == "cuda" else 0
     engine = load_engine_unet(backend, engine_path, plain)
-    engine_weights = (torch.cuda.memory_allocated() - before) if device == "cuda" else 0
+    engine_weights = (cuda_bytes_in_use() - before) if device == "cuda" else 0
     with PeakMemory(device, engine_weights) as engine_mem:
         engine_step = time_calls(unet_step(engine, inputs), warmup, iters, device)
     engine_pipeline = time_calls(pipeline_run(pipe, engine, cases[0], settings), 1, PIPELINE_ITERS, device)

@@ -31,6 +31,7 @@ def time_calls(fn, warmup, iters, device):
     return summarize_latency(samples)
 
 
+@torch.no_grad()  # as time_calls: a grad-mode call of a torch.compile'd module recompiles, inside the capture
 def capture_cuda_graph(fn):
     """(graph, its output) for a capturable fn, warmed up on a side stream as CUDA graphs need."""
     stream = torch.cuda.Stream()
@@ -56,6 +57,21 @@ def time_cuda_graph(fn, warmup, iters):
             torch.cuda.synchronize()
         return None, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}", None
     return time_calls(graph.replay, warmup, iters, "cuda"), None, graph
+
+
+def cuda_bytes_beside_allocator():
+    """Bytes in use on the current GPU that PyTorch's caching allocator does not hold: the CUDA
+    context, and what was allocated past the allocator (an AOTInductor package's weights, a TensorRT
+    engine's), which memory_allocated() never sees. Device-wide: a difference of two readings is
+    this process's own only while nothing else runs on the GPU, as in the bench stages."""
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return total - free - torch.cuda.memory_reserved()
+
+
+def cuda_bytes_in_use():
+    """What the allocator handed out plus what was allocated beside it."""
+    return torch.cuda.memory_allocated() + cuda_bytes_beside_allocator()
 
 
 class PeakMemory:

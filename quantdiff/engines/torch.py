@@ -192,7 +192,10 @@ def load_engine(path):
     if not path.is_file():
         raise CorruptArtifactError(path, "file missing")
     try:
-        return torch._inductor.aoti_load_package(str(path))
+        # Without the runner pool's thread synchronization: its events are host calls that a CUDA
+        # graph capture forbids ("operation not permitted when stream is capturing"), and a UNet is
+        # called from one thread here.
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
     except Exception as err:  # noqa: BLE001 - zip, pickle and C++ loader errors all mean the same here
         raise CorruptArtifactError(path, f"not a loadable AOTInductor package: {type(err).__name__}: {err}") from err
 
