@@ -66,6 +66,11 @@ def _check_semantics(config, root):
             rng = engine[key]
             if not rng["min"] <= rng["opt"] <= rng["max"]:
                 raise ConfigError(f"config key 'engine.{key}': needs min <= opt <= max, got {rng}")
+        if engine["inductor"]:  # imports torch, so only when there is something to check
+            from .engines.torch import check_inductor_settings
+
+            own = "inductor" in config["models"][name].get("engine", {})
+            check_inductor_settings(engine["inductor"], f"models.{name}.engine.inductor" if own else "engine.inductor")
 
 
 def build_matrix(config):
@@ -102,12 +107,15 @@ def export_settings(config, model, precision):
                 resolution=config["models"][model]["resolution"])
 
 
-def engine_settings(config, model, precision):
+def engine_settings(config, model, precision, backend="torch"):
+    """What the `backend` engine stage reads: a TensorRT plan does not rebuild for an Inductor setting."""
     engine = merged(config, model, "engine")
-    return {"backend": engine["backend"], "batch": engine["batch"], "resolution_range": engine["resolution"],
-            "optimization_level": engine["optimization_level"].get(precision, 3),
-            "timing_cache": engine["timing_cache"], "precision": precision,
-            "pipeline": config["models"][model]["pipeline"], "resolution": config["models"][model]["resolution"],
+    own = {"tensorrt": {"optimization_level": engine["optimization_level"].get(precision, 3),
+                        "timing_cache": engine["timing_cache"]},
+           "torch": {"inductor": engine["inductor"]}}[backend]
+    return {"backend": engine["backend"], "batch": engine["batch"], "resolution_range": engine["resolution"], **own,
+            "precision": precision, "pipeline": config["models"][model]["pipeline"],
+            "resolution": config["models"][model]["resolution"],
             # diffusers runs classifier-free guidance (UNet batch doubled) only when guidance > 1
             "guidance": merged(config, model, "bench")["guidance"] > 1}
 

@@ -3,13 +3,33 @@ import pytest
 import torch
 
 from quantdiff.bench import unet as bench_unet
-from quantdiff.errors import MissingBackendError
+from quantdiff.errors import ConfigError, MissingBackendError
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_refuses_without_gpu_before_building_anything(tmp_path):
     with pytest.raises(MissingBackendError, match="UNet benchmark stage needs a CUDA GPU"):
         bench_unet.main(["--out", str(tmp_path / "bench")])
+    assert not (tmp_path / "bench").exists()
+
+
+def test_inductor_settings_are_read_as_yaml_scalars():
+    assert bench_unet.inductor_setting("max_autotune=true") == ("max_autotune", True)
+    assert bench_unet.inductor_setting("aot_inductor.compile_wrapper_opt_level=O0") == (
+        "aot_inductor.compile_wrapper_opt_level", "O0")
+    assert bench_unet.inductor_setting("compile_threads=4") == ("compile_threads", 4)
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--inductor", "max_autotune"], SystemExit),
+    (["--inductor", "max_autotun=true"], ConfigError),
+    (["--inductor", "max_autotune=1"], ConfigError),
+])
+def test_bad_inductor_settings_stop_before_anything(tmp_path, argv, error, capsys):
+    with pytest.raises(error) as raised:
+        bench_unet.main([*argv, "--out", str(tmp_path / "bench")])
+    said = str(raised.value) + capsys.readouterr().err
+    assert ("expected KEY=VALUE" in said) if error is SystemExit else said.startswith("config key '--inductor.max_autotun")
     assert not (tmp_path / "bench").exists()
 
 

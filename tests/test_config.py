@@ -54,6 +54,16 @@ def test_alpha_auto_is_valid(config):
     (lambda c: c["calibration"].update(alpha="magic"), "config key 'calibration.alpha': 'magic' is not valid"),
     (lambda c: c["calibration"].update(alpha=1.5), "config key 'calibration.alpha'"),
     (lambda c: c["export"].update(ort_check="sometimes"), "config key 'export.ort_check': 'sometimes' is not one of"),
+    (lambda c: c["engine"].update(inductor={"max_autotun": True}),
+     "config key 'engine.inductor.max_autotun': not a torch._inductor.config setting (torch "),
+    (lambda c: c["engine"].update(inductor={"max_autotun": True}), "did you mean 'max_autotune'?"),
+    (lambda c: c["engine"].update(inductor={"max_autotune": "yes"}),
+     "config key 'engine.inductor.max_autotune': takes a bool (default False), not 'yes'"),
+    (lambda c: c["engine"].update(inductor={"aot_inductor.metadata": "x"}),
+     "config key 'engine.inductor.aot_inductor.metadata': set by the engine stage itself"),
+    (lambda c: c["engine"].update(inductor={"max_autotune": [1]}), "config key 'engine.inductor.max_autotune': [1] is not of type"),
+    (lambda c: c["models"]["tiny-xl"].setdefault("engine", {}).update(inductor={"coordinate_descent_tuning": 1}),
+     "config key 'models.tiny-xl.engine.inductor.coordinate_descent_tuning': takes a bool"),
 ])
 def test_bad_config_names_the_key(config, edit, message):
     bad = copy.deepcopy(config)
@@ -68,8 +78,22 @@ def test_per_model_overrides_apply_to_that_model_only(config):
     validated = validate_config(config, root=ROOT)
     assert calibration_settings(validated, "xl-turbo", "int8")["n_steps"] == 4
     assert calibration_settings(validated, "xl-1.0", "int8")["n_steps"] == 20
-    engine = engine_settings(validated, "xl-turbo", "fp8")
+    engine = engine_settings(validated, "xl-turbo", "fp8", "tensorrt")
     assert engine["guidance"] is False and engine["optimization_level"] == 4
+
+
+def test_inductor_settings_reach_the_engine_stage(config):
+    tuned = copy.deepcopy(config)
+    tuned["engine"]["inductor"] = {"max_autotune": True, "aot_inductor.compile_wrapper_opt_level": "O0"}
+    tuned["models"]["xl-turbo"]["engine"] = {"inductor": {"coordinate_descent_tuning": True}}
+    validated = validate_config(tuned, root=ROOT)
+    assert engine_settings(validated, "tiny-xl", "fp8")["inductor"] == tuned["engine"]["inductor"]
+    assert engine_settings(validated, "xl-turbo", "int8")["inductor"] == {"coordinate_descent_tuning": True}
+    assert engine_settings(validate_config(config, root=ROOT), "tiny-xl", "fp8")["inductor"] == {}
+    # each engine rule's params hold what its backend reads: an Inductor setting rebuilds no TensorRT plan
+    plan = engine_settings(validated, "tiny-xl", "fp8", "tensorrt")
+    assert "inductor" not in plan and {"optimization_level", "timing_cache"} <= set(plan)
+    assert not {"optimization_level", "timing_cache"} & set(engine_settings(validated, "tiny-xl", "fp8"))
 
 
 def test_snakemake_stops_before_any_job(tmp_path):

@@ -7,6 +7,7 @@ float accumulation order; through the whole net int8 rounding flips compound (se
 """
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +337,22 @@ def test_engine_loads_without_the_runner_pools_thread_sync(tmp_path, monkeypatch
     (tmp_path / "engine.pt2").write_bytes(b"stand-in")
     assert te.load_engine(tmp_path / "engine.pt2") == "runner"
     assert calls == [{"run_single_threaded": True}]
+
+
+def test_inductor_settings_go_to_the_aotinductor_build(tmp_path, monkeypatch):
+    """engine.inductor reaches aoti_compile_and_package beside the stage's own metadata, and is recorded."""
+    seen = {}
+
+    def fake_build(program, package_path, inductor_configs):
+        seen.update(inductor_configs)
+        Path(package_path).write_bytes(b"package")
+
+    monkeypatch.setattr(te.torch._inductor, "aoti_compile_and_package", fake_build)
+    unet = tiny_sdxl_unet()
+    info = te.package_engine(unet, unet_inputs(2, 1), tmp_path / "engine.pt2", dynamic=False, log=lambda *_: None,
+                             inductor={"max_autotune": True})
+    assert seen["max_autotune"] is True and set(seen) == {"max_autotune", "aot_inductor.metadata"}
+    assert info["inductor"] == {"max_autotune": True} and (tmp_path / "engine.pt2").read_bytes() == b"package"
+    with pytest.raises(ConfigError, match="'engine.inductor.max_autotune': takes a bool"):
+        te.package_engine(unet, unet_inputs(2, 1), tmp_path / "other.pt2", dynamic=False, inductor={"max_autotune": 1})
+    assert not (tmp_path / "other.pt2").exists()

@@ -61,21 +61,22 @@ def profile_step(fn, out_file, calls=3):
     return {k: round(v / calls / 1000, 3) for k, v in kinds.items()}
 
 
-def compiled_step(module, inputs, backend, log=print):
+def compiled_step(module, inputs, backend, log=print, inductor=None):
     """One UNet step of `module` as a no-argument callable returning the noise prediction.
 
     backend "compile": torch.compile (default mode). "aoti": what the engine stage ships, an
     AOTInductor package built for exactly these input shapes and loaded back (the package file,
     ~2.5 GB for SDXL, is deleted once loaded: the loader keeps what it extracted).
+    `inductor`: torch._inductor.config settings for either.
     """
     if backend == "compile":
-        compiled = torch.compile(module)
+        compiled = torch.compile(module, options=inductor or None)
         return lambda: compiled(**inputs, return_dict=False)[0]
     from ..engines.torch import engine_inputs, load_engine, package_engine
 
     with tempfile.TemporaryDirectory(prefix="quantdiff-unet-bench-") as workdir:
         path = Path(workdir) / "engine.pt2"
-        package_engine(module, inputs, path, dynamic=False, log=log)
+        package_engine(module, inputs, path, dynamic=False, log=log, inductor=inductor)
         runner = load_engine(path)
     positional = engine_inputs(module, inputs)
 
@@ -85,7 +86,7 @@ def compiled_step(module, inputs, backend, log=print):
     return step
 
 
-def measure(name, module, inputs, flops, args, log, backend="compile"):
+def measure(name, module, inputs, flops, args, log, backend="compile", inductor=None):
     """Compile, time (launched and as a CUDA graph), profile and take the memory of one variant."""
     tag = name.replace(" ", "_").replace(".", "")
     torch.cuda.synchronize()
@@ -95,7 +96,7 @@ def measure(name, module, inputs, flops, args, log, backend="compile"):
     torch._dynamo.reset()
     resident, beside = torch.cuda.memory_allocated(), cuda_bytes_beside_allocator()
     start = time.time()
-    step = compiled_step(module, inputs, backend, log)
+    step = compiled_step(module, inputs, backend, log, inductor)
     loaded_beside = cuda_bytes_beside_allocator() - beside
 
     with torch.no_grad():
@@ -152,10 +153,20 @@ def print_table(rows, log):
             f"{err!s:>7}  {k['gemm']}/{k['conv']}/{k['attention']}/{k['triton']}/{r['ms'] - sum(k.values()):.3f}")
 
 
+def inductor_setting(text):
+    """--inductor KEY=VALUE: (key, the value read as YAML: true, 1, 0.5, O1)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not (sep and key and value):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a torch._inductor.config setting), got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def main(argv=None):
     from ..device import describe_device, require_cuda, require_fp8
     from ..engines.qmodules import QuantConv2d, convert_to_real_quant
-    from ..engines.torch import device_layout
+    from ..engines.torch import check_inductor_settings, device_layout
     from ..models import arch_unet, unet_example_inputs
     from ..quant.recipe import skip_modelopt_cuda_extensions
 
@@ -175,8 +186,12 @@ def main(argv=None):
                              "ships them (static shapes; an SDXL package builds for over 4.5 minutes)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no further 8-bit variant after this many seconds (each compiles for minutes)")
+    parser.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="a torch._inductor.config setting for the 8-bit variants (repeatable), as the "
+                             "engine stage's engine.inductor; the fp16 baseline keeps the defaults")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
+    inductor = check_inductor_settings(dict(args.inductor), "--inductor")
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     require_cuda("UNet benchmark")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -191,7 +206,8 @@ def main(argv=None):
     with torch.no_grad():
         reference = unet(**inputs).sample
     result = {"arch": args.arch, "batch": args.batch, "resolution": args.resolution, "level": level,
-              "conv": args.conv, "backend": args.backend, "flops_per_step": flops, "device": describe_device("cuda"),
+              "conv": args.conv, "backend": args.backend, "inductor": inductor, "flops_per_step": flops,
+              "device": describe_device("cuda"),
               "torch": torch.__version__, "rows": []}
     rows = result["rows"]
     base, _, base_graph = measure("torch.compile fp16", unet, inputs, flops, args, log)
@@ -216,7 +232,7 @@ def main(argv=None):
         log(f"{precision}: converted {counts}")
         packaged = " (AOTInductor package)" if args.backend == "aoti" else ""
         row, out, _ = measure(f"torch engine {precision} L{level}{packaged}", real, inputs, flops, args, log,
-                              args.backend)
+                              args.backend, inductor)
         rows.append(row | {"counts": counts, "speedup": round(base["ms"] / row["ms"], 3),
                            "memory_vs_fp16": round(row["footprint_mb"] / base["footprint_mb"], 3),
                            "rel_err_vs_fakequant": round(relative_error(fake_out, out), 4),

@@ -138,15 +138,52 @@ def _metadata(unet, inputs, counts):
     return meta
 
 
-def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, counts=None, ranges=None):
+# Set by package_engine itself, or making something other than a loadable engine.pt2
+_RESERVED_INDUCTOR_SETTINGS = ("aot_inductor.metadata", "aot_inductor.output_path", "aot_inductor.package",
+                               "aot_inductor.package_cpp_only")
+
+
+def check_inductor_settings(settings, where="engine.inductor"):
+    """Raise ConfigError unless every key is a torch._inductor.config setting that an engine build may
+    set, given a scalar of the setting's type. Returns the settings."""
+    import difflib
+
+    import torch._inductor.config as inductor_config
+
+    if not isinstance(settings, dict):
+        raise ConfigError(f"config key '{where}': a mapping of torch._inductor.config names to values, not {settings!r}")
+    known = inductor_config.get_config_copy()
+    for key, value in settings.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"config key '{where}.{key}': not a torch._inductor.config setting "
+                              f"(torch {torch.__version__}){hint}")
+        if key in _RESERVED_INDUCTOR_SETTINGS:
+            raise ConfigError(f"config key '{where}.{key}': set by the engine stage itself")
+        default = known[key]
+        kind = type(default)
+        fits = (default is None or (kind is bool and isinstance(value, bool))
+                or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+                or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+                or (kind is str and isinstance(value, str)))
+        if not fits:
+            raise ConfigError(f"config key '{where}.{key}': takes a {kind.__name__} "
+                              f"(default {default!r}), not {value!r}")
+    return settings
+
+
+def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, counts=None, ranges=None,
+                   inductor=None):
     """torch.export + AOTInductor-package `unet` to `out_path` (engine.pt2), written atomically.
 
     `example_inputs` is a dict as for the UNet's forward; Inductor tunes for its shape. With
     `dynamic`, the engine takes the batch and latent height/width `ranges` ({name: (min, max)}, the
     engine profile's; `default_ranges` when None), static where min == max. If the model does not
     export with dynamic height/width, it falls back to the example's and says so. Without
-    `dynamic` every shape is the example's. Returns an info dict: export/compile seconds, package
-    bytes, dynamic dims, shape ranges, counts.
+    `dynamic` every shape is the example's. `inductor`: torch._inductor.config settings for the
+    build (checked by check_inductor_settings). Returns an info dict: export/compile seconds,
+    package bytes, dynamic dims, shape ranges, counts, the Inductor settings.
     """
     unet = unet.eval()
     wrapper = (_SDXLUNetInputs if is_sdxl(unet) else _SDUNetInputs)(unet)
@@ -154,7 +191,8 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
     example = _example_ranges(inputs)
     ranges = usable_ranges(unet, ranges or default_ranges(unet)) if dynamic else example
     _check_example_fits(inputs, ranges)
-    info = {"counts": counts or {}}
+    inductor = check_inductor_settings(dict(inductor or {}))
+    info = {"counts": counts or {}, "inductor": inductor}
     t0 = time.perf_counter()
     with torch.no_grad(), _keep_dynamic_ranges():
         try:
@@ -179,7 +217,8 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
         with atomic_path(out_path) as tmp:
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(tmp),
-                inductor_configs={"aot_inductor.metadata": {_METADATA_KEY: json.dumps(meta, default=str)}})
+                inductor_configs={**inductor,
+                                  "aot_inductor.metadata": {_METADATA_KEY: json.dumps(meta, default=str)}})
         info["compile_s"] = round(time.perf_counter() - t0, 2)
     info["package_bytes"] = Path(out_path).stat().st_size
     log(f"engine: compiled in {info['compile_s']} s, {info['package_bytes'] / 1e6:.1f} MB -> {out_path}")
@@ -285,7 +324,8 @@ def device_layout(unet, device):
     return unet.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else unet
 
 
-def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None):
+def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None,
+                       inductor=None):
     """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package.
 
     Returns package_engine's info dict plus precision and conversion counts.
@@ -299,6 +339,7 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
         unet, counts = convert_to_real_quant(unet)
         log(f"engine: converted {counts}")
     unet = device_layout(unet, next(unet.parameters()).device)  # after conversion, which makes new modules
-    info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges)
+    info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges,
+                          inductor=inductor)
     info["precision"] = precision
     return info

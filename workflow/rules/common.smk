@@ -53,8 +53,8 @@ def export_params(wildcards):
     return settings.export_settings(config, wildcards.model, wildcards.precision)
 
 
-def engine_params(wildcards):
-    return settings.engine_settings(config, wildcards.model, wildcards.precision)
+def engine_params(backend):
+    return lambda wildcards: settings.engine_settings(config, wildcards.model, wildcards.precision, backend)
 
 
 def bench_params(wildcards):

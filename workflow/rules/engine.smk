@@ -9,7 +9,7 @@ rule engine_tensorrt:
         plan="results/{model}/{precision}/engine.plan",
         record="results/{model}/{precision}/engine_tensorrt.json",
     params:
-        engine=engine_params,
+        engine=engine_params("tensorrt"),
     log:
         "logs/{model}/{precision}/engine_tensorrt.log",
     benchmark:
@@ -31,7 +31,7 @@ rule engine_torch:
         engine="results/{model}/{precision}/engine.pt2",
         record="results/{model}/{precision}/engine_torch.json",
     params:
-        engine=engine_params,
+        engine=engine_params("torch"),
     log:
         "logs/{model}/{precision}/engine_torch.log",
     benchmark:
