@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from workflow_helpers import copy_project
+
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "bench-on-gpus.sh"
 
 
@@ -27,3 +29,35 @@ def test_refuses_without_gpu_before_building_anything(tmp_path):
     result = run(["tiny-xl", "int8", "fp8"], tmp_path)
     assert result.returncode == 1 and "no GPU visible; run snakemake directly" in result.stderr
     assert not any(tmp_path.iterdir())  # no logs/, no snakemake run
+
+
+def test_builds_every_engine_before_the_benches_one_per_gpu(tmp_path):
+    """With two GPUs (a stand-in python3 reports them) and a dry run: shared stages once, then each
+    precision's calibration and engine pinned round-robin, then one bench per GPU in the order given."""
+    (tmp_path / "project").mkdir()
+    project = copy_project(tmp_path / "project")
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f"#!/bin/sh\ncase \"$2\" in *device_count*) echo 2;; *) exec {sys.executable} \"$@\";; esac\n")
+    (shim / "python3").chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=str(project),
+               PATH=f"{shim}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(SCRIPT), "tiny-xl", "fp8", "int8", "fp16", "--", "--dry-run"], cwd=project,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    pinned = [line for line in result.stdout.splitlines() if line.startswith("GPU ")]
+    # the jobs of one phase start together, so their lines come in any order
+    assert sorted(pinned[:3]) == sorted(pinned[3:]) == ["GPU 0: fp16", "GPU 0: fp8", "GPU 1: int8"]
+    benches_on_gpu0 = [line for line in pinned[3:] if line.startswith("GPU 0")]
+    assert benches_on_gpu0 == ["GPU 0: fp8", "GPU 0: fp16"]  # one at a time, in the order given
+    for precision, engine_jobs in (("fp8", {"calibrate", "engine_torch"}), ("fp16", {"engine_torch"})):
+        log = (project / "logs" / f"bench-on-gpus-{precision}.log").read_text()
+        engine_run, bench_run = log.split("This was a dry-run")[:2]
+        assert engine_jobs <= set(_job_names(engine_run)) and "bench" not in _job_names(engine_run)
+        assert "bench" in _job_names(bench_run)
+
+
+def _job_names(dry_run_text):
+    """Rule names in the 'Job stats' table of one dry run."""
+    table = dry_run_text.split("Job stats:")[1].split("total")[0]
+    return [line.split()[0] for line in table.splitlines()[3:] if line.strip()]
