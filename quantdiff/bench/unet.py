@@ -110,7 +110,7 @@ def measure(name, module, inputs, flops, args, log, backend="compile", inductor=
         replayed, failure, graph = time_cuda_graph(step, args.warmup, args.iters)
         if failure:
             log(f"{name}: CUDA graph capture failed: {failure}")
-    # An AOTInductor package loads its own copy of the weights, past the caching allocator
+    # An AOTInductor package loads its own copy of the weights (and its kernels) past the caching allocator
     weights_mb = (module_bytes(module) if backend == "compile" else loaded_beside) / 2**20
     best = replayed or launched
     row = {"variant": name, "ms": round(best["median"], 3), "p10": round(best["p10"], 3), "p90": round(best["p90"], 3),
@@ -189,9 +189,13 @@ def main(argv=None):
     parser.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="a torch._inductor.config setting for the 8-bit variants (repeatable), as the "
                              "engine stage's engine.inductor; the fp16 baseline keeps the defaults")
+    parser.add_argument("--baseline-inductor", type=inductor_setting, action="append", default=[],
+                        metavar="KEY=VALUE", help="the same for the torch.compile fp16 baseline, to compare "
+                                                  "like with like")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
     inductor = check_inductor_settings(dict(args.inductor), "--inductor")
+    baseline_inductor = check_inductor_settings(dict(args.baseline_inductor), "--baseline-inductor")
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     require_cuda("UNet benchmark")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -206,11 +210,12 @@ def main(argv=None):
     with torch.no_grad():
         reference = unet(**inputs).sample
     result = {"arch": args.arch, "batch": args.batch, "resolution": args.resolution, "level": level,
-              "conv": args.conv, "backend": args.backend, "inductor": inductor, "flops_per_step": flops,
+              "conv": args.conv, "backend": args.backend, "inductor": inductor,
+              "baseline_inductor": baseline_inductor, "flops_per_step": flops,
               "device": describe_device("cuda"),
               "torch": torch.__version__, "rows": []}
     rows = result["rows"]
-    base, _, base_graph = measure("torch.compile fp16", unet, inputs, flops, args, log)
+    base, _, base_graph = measure("torch.compile fp16", unet, inputs, flops, args, log, inductor=baseline_inductor)
     rows.append(base | {"speedup": 1.0, "rel_err_vs_fp16": 0.0})
     write_json(Path(args.out) / "unet_bench.json", result)
     skip_modelopt_cuda_extensions()  # the fake-quant reference then is the formula the engine emulates
