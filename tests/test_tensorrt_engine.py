@@ -16,6 +16,7 @@ import pytest
 
 from quantdiff import device, engines
 from quantdiff.engines import tensorrt as trt_engine
+from quantdiff.engines.profile import optimization_profile
 from quantdiff.errors import ConfigError, CorruptArtifactError, MissingBackendError, UnsupportedDeviceError
 
 SDXL_UNET = {
@@ -41,7 +42,7 @@ RANGE = {"min": 0.5, "opt": 1.0, "max": 1.0}
 
 
 def test_profile_sdxl_1024():
-    profile = trt_engine.optimization_profile("sdxl", SDXL_UNET, 1024, BATCH, RANGE)
+    profile = optimization_profile("sdxl", SDXL_UNET, 1024, BATCH, RANGE)
     assert profile == {
         "sample": ((2, 4, 64, 64), (4, 4, 128, 128), (8, 4, 128, 128)),
         "timestep": ((1,), (1,), (1,)),
@@ -52,7 +53,7 @@ def test_profile_sdxl_1024():
 
 
 def test_profile_tiny_xl_64():
-    profile = trt_engine.optimization_profile("sdxl", TINY_XL_UNET, 64, BATCH, RANGE)
+    profile = optimization_profile("sdxl", TINY_XL_UNET, 64, BATCH, RANGE)
     assert profile == {
         "sample": ((2, 4, 4, 4), (4, 4, 8, 8), (8, 4, 8, 8)),
         "timestep": ((1,), (1,), (1,)),
@@ -63,7 +64,7 @@ def test_profile_tiny_xl_64():
 
 
 def test_profile_sd15_without_guidance_has_three_inputs_and_single_batch():
-    profile = trt_engine.optimization_profile("sd", SD15_UNET, 512, BATCH, RANGE, guidance=False)
+    profile = optimization_profile("sd", SD15_UNET, 512, BATCH, RANGE, guidance=False)
     assert profile == {
         "sample": ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 64, 64)),
         "timestep": ((1,), (1,), (1,)),
@@ -73,9 +74,9 @@ def test_profile_sd15_without_guidance_has_three_inputs_and_single_batch():
 
 def test_profile_rounds_latent_down_to_the_unet_downsampling_multiple():
     # 0.6 * 1024 = 614 px -> latent 76. SDXL (3 blocks) needs a multiple of 4: 76; SD 1.5 (4 blocks) of 8: 72.
-    sdxl = trt_engine.optimization_profile("sdxl", SDXL_UNET, 1024, BATCH, {"min": 0.6, "opt": 1.0, "max": 1.0})
+    sdxl = optimization_profile("sdxl", SDXL_UNET, 1024, BATCH, {"min": 0.6, "opt": 1.0, "max": 1.0})
     assert sdxl["sample"][0] == (2, 4, 76, 76)
-    sd15 = trt_engine.optimization_profile("sd", SD15_UNET, 1024, BATCH, {"min": 0.6, "opt": 1.0, "max": 1.0})
+    sd15 = optimization_profile("sd", SD15_UNET, 1024, BATCH, {"min": 0.6, "opt": 1.0, "max": 1.0})
     assert sd15["sample"][0] == (2, 4, 72, 72)
 
 
@@ -92,12 +93,12 @@ def test_profile_rounds_latent_down_to_the_unet_downsampling_multiple():
 )
 def test_profile_rejects_bad_ranges(batch, resolution_range, words):
     with pytest.raises(ConfigError, match=words):
-        trt_engine.optimization_profile("sdxl", TINY_XL_UNET, 64, batch, resolution_range)
+        optimization_profile("sdxl", TINY_XL_UNET, 64, batch, resolution_range)
 
 
 def test_profile_rejects_unknown_pipeline():
     with pytest.raises(ConfigError, match="flux"):
-        trt_engine.optimization_profile("flux", SDXL_UNET, 1024, BATCH, RANGE)
+        optimization_profile("flux", SDXL_UNET, 1024, BATCH, RANGE)
 
 
 # --------------------------------------------------------------------------- builder settings
@@ -429,7 +430,7 @@ def _install(monkeypatch, **kwargs):
 
 
 def _build(onnx_file, tmp_path, precision="int8", level=4, **kwargs):
-    profile = trt_engine.optimization_profile("sdxl", TINY_XL_UNET, 64, BATCH, RANGE)
+    profile = optimization_profile("sdxl", TINY_XL_UNET, 64, BATCH, RANGE)
     messages = []
     info = trt_engine.build_plan(
         onnx_file, tmp_path / "out" / "engine.plan", precision, profile, level,

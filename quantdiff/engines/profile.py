@@ -8,8 +8,7 @@ runs the kernels Inductor picks for that one shape).
 from __future__ import annotations
 
 from ..errors import ConfigError
-
-SDXL_TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
+from ..models.inputs import N_TIME_IDS, TEXT_SEQ_LEN, VAE_SCALE_FACTOR
 
 
 def optimization_profile(
@@ -19,13 +18,13 @@ def optimization_profile(
     batch: dict,
     resolution_range: dict,
     guidance: bool = True,
-    text_len: int = 77,
+    text_len: int = TEXT_SEQ_LEN,
 ) -> dict[str, tuple[tuple, tuple, tuple]]:
     """(min, opt, max) shape per named UNet input.
 
     `batch` counts images per prompt batch; with classifier-free guidance the UNet sees twice
     as many. `resolution_range` holds fractions of the model's square `resolution`. Each latent
-    side is pixels / 8 rounded down to a multiple of 2**(downsampling blocks), so every
+    side is pixels / VAE_SCALE_FACTOR rounded down to a multiple of 2**(downsampling blocks), so every
     down-sampled feature map keeps an integer size and the up path concatenates cleanly.
     """
     if pipeline not in ("sd", "sdxl"):
@@ -37,11 +36,11 @@ def optimization_profile(
     multiple = down_factor(unet_config)
     sides = []
     for label, fraction in zip(("min", "opt", "max"), fractions):
-        side = int(resolution * fraction) // 8 // multiple * multiple
+        side = int(resolution * fraction) // VAE_SCALE_FACTOR // multiple * multiple
         if side <= 0:
             raise ConfigError(
                 f"engine.resolution.{label} = {fraction} of {resolution} px gives no latent: the side must be at "
-                f"least {8 * multiple} px for this UNet ({len(unet_config['block_out_channels'])} blocks)."
+                f"least {VAE_SCALE_FACTOR * multiple} px for this UNet ({len(unet_config['block_out_channels'])} blocks)."
             )
         sides.append(side)
     # Rounding down is monotone, so min <= opt <= max still holds for the sides.
@@ -57,9 +56,9 @@ def optimization_profile(
         "encoder_hidden_states": [(b, text_len, cross_dim) for b in unet_batch],
     }
     if pipeline == "sdxl":
-        text_embeds = unet_config["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * unet_config["addition_time_embed_dim"]
+        text_embeds = unet_config["projection_class_embeddings_input_dim"] - N_TIME_IDS * unet_config["addition_time_embed_dim"]
         shapes["text_embeds"] = [(b, text_embeds) for b in unet_batch]
-        shapes["time_ids"] = [(b, SDXL_TIME_IDS) for b in unet_batch]
+        shapes["time_ids"] = [(b, N_TIME_IDS) for b in unet_batch]
     return {name: tuple(triple) for name, triple in shapes.items()}
 
 

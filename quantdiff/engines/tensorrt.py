@@ -29,7 +29,6 @@ from types import SimpleNamespace
 from ..device import require_cuda, require_fp8
 from ..errors import ConfigError, CorruptArtifactError, MissingBackendError, QuantdiffError
 from ..io import atomic_path
-from .profile import optimization_profile  # noqa: F401 - part of this module's API
 
 TORCH_BACKEND_HINT = (
     "set `engine: {backend: torch}` in config/config.yaml or run snakemake with "
