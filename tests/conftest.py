@@ -1,7 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# The torch engine's Triton kernels (quantdiff/engines/triton_gemm.py) run in Triton's interpreter
+# on a machine without a GPU; the variable must be set before they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # workflow_helpers
 

@@ -5,8 +5,12 @@
 Every 8-bit path starts from the fp16 activation (its quantization is part of the cost, as in the
 UNet) and is compiled twice: Inductor's default (cuBLASLt GEMM, quantize as its own kernel) and
 max-autotune (Inductor's Triton GEMM templates compete, with the quantize and the dequantize
-fusable into them). Timing is a CUDA graph of 20 calls, so launch overhead does not count. Each
-output is checked against the plain-PyTorch fake-quant GEMM (float32 on the dequantized values).
+fusable into them); the "triton" paths are the torch engine's own kernel (engines/triton_gemm.py,
+autotuned, dequantize in its epilogue). For the GEGLU feed-forward input (rows marked geglu) the
+8-bit paths end in the FF-out GEMM's 8-bit input: cuBLASLt GEMM then one fused GEGLU+quantize
+kernel, against the Triton kernel doing both in its epilogue. Timing is a CUDA graph of 20 calls,
+so launch overhead does not count. Each output is checked against the plain-PyTorch fake-quant
+GEMM (float32 on the dequantized values).
 """
 import argparse
 import json
@@ -15,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..engines import triton_gemm
 from ..engines.gemm8 import fp8_matmul, int8_dequantize, int8_matmul, int8_out_scale
 from ..io import write_json
 from ..quant.grids import fp8_scales, int8_scales, quantize_fp8, quantize_int8
@@ -22,6 +27,7 @@ from .timing import capture_cuda_graph, time_calls
 
 # (tokens, in, out) of SDXL's linears at 1024 px, batch 2: FF in/out and attention at 32x32 and 64x64
 SHAPES = ((2048, 1280, 10240), (2048, 1280, 1280), (2048, 5120, 1280), (8192, 640, 640), (8192, 640, 5120))
+GEGLU_SHAPES = ((2048, 1280, 10240), (8192, 640, 5120))  # the FF-in GEMMs: n = value + gate
 CALLS_PER_GRAPH = 20
 
 
@@ -49,6 +55,28 @@ def int8_path(x, p):
     return int8_dequantize(int8_matmul(quantize_int8(x, p["to_grid"]), p["w"]), p["out_scale"], None, x.dtype)
 
 
+def triton_path(x, p, fmt):
+    quantize = quantize_fp8 if fmt == "fp8" else quantize_int8
+    scale = p["back"] * p["w_back"] if fmt == "fp8" else p["out_scale"]
+    return triton_gemm.gemm8(quantize(x, p["to_grid"]), p["w"], scale)
+
+
+def geglu_8bit(y, next_grid, fmt):
+    """value * gelu(gate) of a GEMM output (m, 2h), quantized onto the next GEMM's grid."""
+    value, gate = y.chunk(2, dim=-1)
+    h = value * F.gelu(gate)
+    return quantize_fp8(h, next_grid) if fmt == "fp8" else quantize_int8(h, next_grid)
+
+
+def geglu_triton_path(x, p, fmt, next_grid):
+    quantize = quantize_fp8 if fmt == "fp8" else quantize_int8
+    scale = p["back"] * p["w_back"] if fmt == "fp8" else p["out_scale"]
+    half = p["w"].shape[0] // 2
+    out_fmt = triton_gemm.OUT_FP8 if fmt == "fp8" else triton_gemm.OUT_INT8
+    return triton_gemm.gemm8(quantize(x, p["to_grid"]), p["w"], scale, out_grid=next_grid, n=half,
+                             gate_offset=half, out_fmt=out_fmt)
+
+
 def fake_quant_reference(x, p, fmt):
     """The 8-bit GEMM's value in float32: the same quantized operands, dequantized, multiplied."""
     if fmt == "fp8":
@@ -64,32 +92,67 @@ def time_graph(fn, iters=20):
     return time_calls(graph.replay, 3, iters, "cuda")["median"] * 1000 / CALLS_PER_GRAPH
 
 
-def measure_shape(m, k, n, modes, log):
+# the GEGLU rows quantize value * gelu(gate) (about N(0, 0.5) here) onto these grids
+GEGLU_NEXT_GRID = {"fp8": 448 / 4.0, "int8": 127 / 4.0}
+
+
+def fp16_geglu(y):
+    value, gate = y.chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+def shape_paths(ops, modes, geglu):
+    """(name, mode, fn, fmt) for one shape: fp16 once, each cuBLAS(Lt) 8-bit path per compile mode,
+    and the Triton kernel (its own autotuning; Inductor's mode does not change it)."""
+    grid = {fmt: torch.tensor(g, device=ops["x"].device) for fmt, g in GEGLU_NEXT_GRID.items()}
+    if geglu:
+        fp16 = lambda x: fp16_geglu(F.linear(x, ops["w16"]))  # noqa: E731
+        cublas = {"fp8": lambda x: geglu_8bit(fp8_path(x, ops["fp8"]), grid["fp8"], "fp8"),
+                  "int8": lambda x: geglu_8bit(int8_path(x, ops["int8"]), grid["int8"], "int8")}
+        own = {fmt: (lambda x, fmt=fmt: geglu_triton_path(x, ops[fmt], fmt, grid[fmt])) for fmt in cublas}
+    else:
+        fp16 = lambda x: F.linear(x, ops["w16"])  # noqa: E731
+        cublas = {"fp8": lambda x: fp8_path(x, ops["fp8"]), "int8": lambda x: int8_path(x, ops["int8"])}
+        own = {fmt: (lambda x, fmt=fmt: triton_path(x, ops[fmt], fmt)) for fmt in cublas}
+    paths = [("fp16", "default", fp16, None)] + [(fmt, mode, cublas[fmt], fmt) for mode in modes for fmt in cublas]
+    if triton_gemm.available(ops["x"].device):
+        paths += [(f"{fmt} triton", "default", own[fmt], fmt) for fmt in own]
+    return paths
+
+
+def path_reference(x, ops, fmt, geglu):
+    """Float32 value of a path: the fp16 GEMM, or the fake-quant one; for GEGLU rows then
+    value * gelu(gate) (the 8-bit paths: on the next GEMM's grid, as they return it)."""
+    ref = F.linear(x.float(), ops["w16"].float()) if fmt is None else fake_quant_reference(x, ops[fmt], fmt)
+    if not geglu:
+        return ref
+    h = fp16_geglu(ref)
+    if fmt is None:
+        return h
+    h = h * GEGLU_NEXT_GRID[fmt]
+    return quantize_fp8(h, 1.0).float() if fmt == "fp8" else torch.clamp(torch.round(h), -127, 127)
+
+
+def measure_shape(m, k, n, modes, log, geglu=False):
     ops = gemm_operands(m, k, n)
     x = ops["x"]
     flop = 2 * m * k * n
     rows = []
-    paths = {"fp16": (lambda x: F.linear(x, ops["w16"]), None),
-             "fp8": (lambda x: fp8_path(x, ops["fp8"]), "fp8"),
-             "int8": (lambda x: int8_path(x, ops["int8"]), "int8")}
-    for mode in modes:
-        for name, (fn, fmt) in paths.items():
-            if name == "fp16" and mode != "default":
-                continue  # cuBLAS fp16 is what max-autotune would keep for a plain GEMM
-            torch._dynamo.reset()
-            start = time.time()
-            compiled = torch.compile(fn, mode=None if mode == "default" else mode)
-            with torch.no_grad():
-                out = compiled(x)
-                compile_s = time.time() - start
-                us = time_graph(lambda: compiled(x))
-            ref = F.linear(x.float(), ops["w16"].float()) if fmt is None else fake_quant_reference(x, ops[fmt], fmt)
-            err = float((out.float() - ref).norm() / ref.norm())
-            row = {"shape": [m, k, n], "path": name, "mode": mode, "us": round(us, 2),
-                   "tflops": round(flop / us / 1e6, 1), "rel_err_vs_reference": round(err, 6),
-                   "compile_s": round(compile_s, 1)}
-            rows.append(row)
-            log(json.dumps(row))
+    for name, mode, fn, fmt in shape_paths(ops, modes, geglu):
+        torch._dynamo.reset()
+        start = time.time()
+        compiled = torch.compile(fn, mode=None if mode == "default" else mode)
+        with torch.no_grad():
+            out = compiled(x)
+            compile_s = time.time() - start
+            us = time_graph(lambda: compiled(x))
+        ref = path_reference(x, ops, fmt, geglu)
+        err = float((out.float() - ref).norm() / ref.norm())
+        row = {"shape": [m, k, n], "path": name + (" geglu" if geglu else ""), "mode": mode, "us": round(us, 2),
+               "tflops": round(flop / us / 1e6, 1), "rel_err_vs_reference": round(err, 6),
+               "compile_s": round(compile_s, 1)}
+        rows.append(row)
+        log(json.dumps(row))
     return rows
 
 
@@ -110,12 +173,15 @@ def main(argv=None):
             log(f"{m}x{k}x{n}: skipped by the budget")
             continue
         result["rows"] += measure_shape(m, k, n, args.modes.split(","), log)
+        if (m, k, n) in GEGLU_SHAPES:
+            result["rows"] += measure_shape(m, k, n, args.modes.split(","), log, geglu=True)
         write_json(args.out, result)
-    base = {tuple(r["shape"]): r["us"] for r in result["rows"] if r["path"] == "fp16"}
-    log(f"{'m x k x n':>18} {'path':5} {'mode':28} {'us':>8} {'vs fp16':>7} {'TFLOP/s':>8} {'rel err':>9}")
+    base = {(*r["shape"], r["path"]): r["us"] for r in result["rows"] if r["path"].startswith("fp16")}
+    log(f"{'m x k x n':>18} {'path':16} {'mode':28} {'us':>8} {'vs fp16':>7} {'TFLOP/s':>8} {'rel err':>9}")
     for r in result["rows"]:
-        log(f"{'x'.join(map(str, r['shape'])):>18} {r['path']:5} {r['mode']:28} {r['us']:8.2f} "
-            f"{base[tuple(r['shape'])] / r['us']:7.2f} {r['tflops']:8.1f} {r['rel_err_vs_reference']:9.2e}")
+        fp16_us = base[(*r["shape"], "fp16 geglu" if r["path"].endswith("geglu") else "fp16")]
+        log(f"{'x'.join(map(str, r['shape'])):>18} {r['path']:16} {r['mode']:28} {r['us']:8.2f} "
+            f"{fp16_us / r['us']:7.2f} {r['tflops']:8.1f} {r['rel_err_vs_reference']:9.2e}")
     return result
 
 

@@ -1,0 +1,204 @@
+"""8-bit GEMMs with their epilogue fused, as Triton kernels for the torch engine on the GPU.
+
+cuBLASLt leaves two costs in the UNet's 8-bit linears that a GEMM of our own removes:
+- INT8 on Hopper: torch._int_mm runs Ampere (mma.sync) kernels and writes int32 sums that a
+  second kernel scales back to fp16 (docs/PERF.md: 21.2 ms of int8 GEMMs per SDXL step against
+  fp16's 14.3). Here the dot runs on Hopper's 8-bit tensor cores (Triton emits wgmma) and the
+  sums are scaled, biased and cast in registers: one fp16 write.
+- GEGLU feed-forwards: the FF-in GEMM writes twice the hidden width in fp16, and a second kernel
+  reads it back for value * gelu(gate) and the FF-out GEMM's quantize. `gemm8` with a gate
+  offset computes the value and gate tiles side by side and writes that 8-bit input directly.
+
+The kernel is the custom op `quantdiff::gemm8` (torch.library.triton_op), so torch.compile and
+AOTInductor put it in the compiled graph, autotuned for each shape at build time.
+`gemm8_reference` is its meaning in plain PyTorch; CPU tests run the kernel itself in Triton's
+interpreter (TRITON_INTERPRET=1, set before this module is imported) against it.
+"""
+import os
+from typing import Optional
+
+import torch
+
+from quantdiff.quant.grids import FP8_MAX, INT8_MAX
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the engine then keeps its plain-PyTorch GEMMs
+    triton = None
+
+# out_fmt: what the epilogue writes
+OUT_FLOAT, OUT_INT8, OUT_FP8 = 0, 1, 2
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device):
+    """True where the Triton kernel can run for tensors on `device`."""
+    return triton is not None and (torch.device(device).type == "cuda" or interpreting())
+
+
+def gemm8_reference(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=OUT_FLOAT,
+                    int8_min=-INT8_MAX, out_dtype=torch.float16):
+    """What the kernel computes, in float32 PyTorch.
+
+    a (m, k) and w (rows, k) are int8 or fp8 e4m3; y = (a @ w[:n]^T) * scale[:n] + bias[:n] for the
+    first n rows of w (n: all of them). With gate_offset > 0 (GEGLU) the rows from gate_offset on
+    are the gate: y = y * gelu(a @ w[gate_offset:][:n]^T * scale[gate:] + bias[gate:]). out_fmt
+    OUT_FLOAT casts y to out_dtype; OUT_INT8 / OUT_FP8 quantize y * out_grid (per column) onto the
+    next GEMM's 8-bit grid (int8: round half to even, clamp to [int8_min, 127]).
+    """
+    n = w.shape[0] if n is None else n
+    sums = a.float() @ w.float().t()
+    scale, bias = scale.float().expand(w.shape[0]), None if bias is None else bias.float()
+
+    def part(start):
+        y = sums[:, start:start + n] * scale[start:start + n]
+        return y if bias is None else y + bias[start:start + n]
+
+    y = part(0)
+    if gate_offset:
+        y = y * torch.nn.functional.gelu(part(gate_offset))
+    if out_fmt == OUT_INT8:
+        return torch.clamp(torch.round(y * out_grid.float()), int8_min, INT8_MAX).to(torch.int8)
+    if out_fmt == OUT_FP8:
+        return (y * out_grid.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return y.to(out_dtype)
+
+
+if triton is not None:
+    _SQRT_HALF = tl.constexpr(0.7071067811865476)
+    # Adding then subtracting 1.5 * 2**23 rounds a float32 |y| < 2**22 to an integer, half to even
+    # (torch.round's rule) without libdevice, which Triton's interpreter lacks.
+    _ROUND_MAGIC = tl.constexpr(12582912.0)
+
+    @triton.jit
+    def _gemm8_kernel(a_ptr, w_ptr, scale_ptr, bias_ptr, grid_ptr, out_ptr, M, N, K, gate_offset,
+                      stride_am, stride_wn, stride_om, int8_min,
+                      IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, GEGLU: tl.constexpr, OUT_FMT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # Grouped order: GROUP_M row blocks in turn take each weight column block while it sits in L2.
+        pid = tl.program_id(0)
+        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        first_m = (pid // (GROUP_M * blocks_n)) * GROUP_M
+        group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group_rows)
+        pid_n = (pid % (GROUP_M * blocks_n)) // group_rows
+
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok, n_ok = rm < M, rn < N
+        # w is (rows, k) row-major, read as (k, n) tiles: both operands k-major, as Hopper's 8-bit MMA wants
+        a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
+        w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]
+        g_ptrs = w_ptrs + gate_offset * stride_wn
+        if IS_INT:
+            acc_type, zero = tl.int32, 0
+        else:
+            acc_type, zero = tl.float32, 0.0
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_type)
+        gate_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_type)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = rk < K - k0
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=zero)
+            w = tl.load(w_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=zero)
+            acc = tl.dot(a, w, acc, out_dtype=acc_type)
+            if GEGLU:
+                g = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=zero)
+                gate_acc = tl.dot(a, g, gate_acc, out_dtype=acc_type)
+                g_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+
+        y = acc.to(tl.float32) * tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GEGLU:
+            gate = gate_acc.to(tl.float32) * tl.load(scale_ptr + gate_offset + rn, mask=n_ok, other=0.0)[None, :]
+            if HAS_BIAS:
+                gate += tl.load(bias_ptr + gate_offset + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            y = y * (0.5 * gate * (1.0 + tl.erf(gate * _SQRT_HALF)))
+        if OUT_FMT == 1:
+            y = y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :]
+            # clamping first is the same as clamping the rounded value: the bounds are integers
+            y = (tl.clamp(y, int8_min, 127.0) + _ROUND_MAGIC) - _ROUND_MAGIC
+        elif OUT_FMT == 2:
+            y = tl.clamp(y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :], -448.0, 448.0)
+        out = y.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
+
+    # Tiles for Hopper's 8-bit tensor cores (k-deep 128-byte rows); the GEGLU form keeps two
+    # accumulators, so it gets the narrower tiles. AOTInductor benchmarks these per shape at build.
+    def _config(m, n, k, warps, stages, group=8):
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group},
+                             num_warps=warps, num_stages=stages)
+
+    CONFIGS = [_config(128, 256, 128, 8, 3), _config(128, 128, 128, 8, 4), _config(128, 128, 128, 4, 4),
+               _config(64, 128, 128, 4, 4), _config(128, 64, 128, 4, 4), _config(256, 128, 128, 8, 3),
+               _config(64, 64, 128, 4, 5)]
+    GEGLU_CONFIGS = [_config(128, 128, 128, 8, 3), _config(128, 64, 128, 4, 4), _config(64, 128, 128, 4, 4),
+                     _config(128, 128, 64, 8, 4), _config(64, 64, 128, 4, 5)]
+    # the interpreter runs one small tile on the CPU (autotuning there would time nothing real)
+    INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+    _KEYS = ["M", "N", "K", "GEGLU", "OUT_FMT"]
+    _gemm8_tuned = triton.autotune(configs=CONFIGS, key=_KEYS)(_gemm8_kernel)
+    _gemm8_geglu_tuned = triton.autotune(configs=GEGLU_CONFIGS, key=_KEYS)(_gemm8_kernel)
+
+    def _launch(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, config=None):
+        """Runs the kernel into `out` (m, n); `config` pins a tile (else autotuned, or the interpreter's)."""
+        from torch.library import wrap_triton
+
+        m, k = a.shape
+        args = (a, w, scale, out if bias is None else bias, out if out_grid is None else out_grid, out,
+                m, n, k, gate_offset, a.stride(0), w.stride(0), out.stride(0), float(int8_min))
+        flags = {"IS_INT": a.dtype == torch.int8, "HAS_BIAS": bias is not None, "GEGLU": gate_offset > 0,
+                 "OUT_FMT": out_fmt}
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        if config is None and interpreting():
+            config = INTERPRETER_CONFIG
+        if config is not None:
+            _gemm8_kernel[grid](*args, **flags, **config)
+        else:
+            kernel = _gemm8_geglu_tuned if gate_offset else _gemm8_tuned
+            wrap_triton(kernel)[grid](*args, **flags)
+        return out
+
+    @torch.library.triton_op("quantdiff::gemm8", mutates_args=())
+    def gemm8_op(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 out_grid: Optional[torch.Tensor], n: int, gate_offset: int, out_fmt: int, int8_min: float,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+        dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
+        out = torch.empty((a.shape[0], n), device=a.device, dtype=dtype)
+        return _launch(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min)
+
+
+def gemm8(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=OUT_FLOAT,
+          int8_min=-INT8_MAX, out_dtype=torch.float16):
+    """gemm8_reference's result through the Triton kernel (the custom op on the GPU; the kernel
+    itself under the interpreter, which the op's CPU dispatch would not reach)."""
+    n = w.shape[0] if n is None else n
+    if gate_offset and gate_offset < n:
+        raise ValueError(f"gate rows start at {gate_offset}, inside the first {n} rows")
+    if out_fmt != OUT_FLOAT and out_grid is None:
+        raise ValueError("an 8-bit output needs out_grid, the next GEMM's input scale per column")
+    # per-column vectors, contiguous: the kernel reads element n of each (a 0-dim scale broadcasts)
+    scale = scale.float().expand(w.shape[0]).contiguous()
+    if out_grid is not None:
+        out_grid = out_grid.float().expand(n).contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    if a.is_cuda:
+        return torch.ops.quantdiff.gemm8(a.contiguous(), w, scale, bias, out_grid, n, gate_offset, out_fmt,
+                                         float(int8_min), out_dtype)
+    if not interpreting():
+        raise RuntimeError("gemm8 runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
+    dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
+    out = torch.empty((a.shape[0], n), dtype=dtype)
+    return _launch(a.contiguous(), w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min)

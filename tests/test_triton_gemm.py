@@ -1,0 +1,94 @@
+"""The torch engine's Triton 8-bit GEMM (engines/triton_gemm.py), run in Triton's interpreter on
+the CPU against its plain-PyTorch meaning. Speed and the compiled path: python -m quantdiff.bench.gemm
+on the GPU, which checks the same outputs there."""
+import pytest
+import torch
+
+from quantdiff.engines import triton_gemm as tg
+from quantdiff.quant.grids import fp8_scales, int8_scales, quantize_fp8, quantize_int8
+
+
+def operands(fmt, m, k, rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=g), torch.randn(rows, k, generator=g) / k ** 0.5
+    if fmt == "int8":
+        x_to, _ = int8_scales(x.abs().amax())
+        w_to, w_div = int8_scales(w.abs().amax(dim=1))
+        return quantize_int8(x, x_to), quantize_int8(w, w_to[:, None]), 1 / (x_to * w_div)
+    x_to, x_back = fp8_scales(x.abs().amax())
+    w_to, w_back = fp8_scales(w.abs().amax())
+    return quantize_fp8(x, x_to), quantize_fp8(w, w_to), x_back * w_back
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_gemm8_float_output_matches_reference_on_ragged_shapes(fmt):
+    # m, k and n all leave partial tiles (the interpreter's tile is 32): masks must zero them
+    a, w, scale = operands(fmt, 37, 70, 45)
+    bias = torch.randn(45).half()
+    out = tg.gemm8(a, w, scale, bias)
+    ref = tg.gemm8_reference(a, w, scale, bias)
+    assert out.dtype == torch.float16 and out.shape == (37, 45)
+    assert torch.equal(out, ref) if fmt == "int8" else torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-3)
+    # and the reference is the fake-quant GEMM: dequantized operands, float32 matmul
+    dequant = a.float() @ w.float().t() * scale + bias.float()
+    assert torch.allclose(ref.float(), dequant, rtol=1e-3, atol=1e-3)
+
+
+def geglu_case(fmt, out_fmt, hidden=40):
+    a, w, scale = operands(fmt, 33, 64, 2 * hidden, seed=1)
+    g = torch.Generator().manual_seed(2)
+    bias = torch.randn(2 * hidden, generator=g).half()
+    grid = torch.rand(hidden, generator=g) * 40 + 10  # per column: SmoothQuant's scale times the step
+    kwargs = {"n": hidden, "gate_offset": hidden, "out_fmt": out_fmt}
+    out = tg.gemm8(a, w, scale, bias, grid, **kwargs)
+    ref = tg.gemm8_reference(a, w, scale, bias, grid, **kwargs)
+    assert out.dtype == ref.dtype and out.shape == (33, hidden)
+    # value * gelu(gate), by hand
+    sums = a.float() @ w.float().t() * scale + bias.float()
+    y = sums[:, :hidden] * torch.nn.functional.gelu(sums[:, hidden:])
+    return out, ref, y if out_fmt == tg.OUT_FLOAT else y * grid
+
+
+@pytest.mark.parametrize("fmt,out_fmt", [("int8", tg.OUT_INT8), ("fp8", tg.OUT_FLOAT)])
+def test_gemm8_geglu_is_value_times_gelu_of_gate(fmt, out_fmt):
+    out, ref, y = geglu_case(fmt, out_fmt)
+    if fmt == "int8":  # onto the next GEMM's grid; erf in numpy and torch may differ in the last bit
+        diff = (out.float() - ref.float()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+        assert torch.equal(ref, torch.clamp(torch.round(y), -127, 127).to(torch.int8))
+    else:
+        assert torch.allclose(out.float(), ref.float(), rtol=2e-3, atol=1e-3)
+        assert torch.allclose(ref.float(), y, rtol=2e-3, atol=1e-3)
+
+
+def test_gemm8_geglu_fp8_output_up_to_the_interpreters_cast():
+    out, ref, y = geglu_case("fp8", tg.OUT_FP8)
+    assert torch.equal(ref, y.clamp(-448, 448).to(torch.float8_e4m3fn))
+    # Triton's interpreter casts to e4m3 wrongly where rounding carries into the next power of two
+    # (7.87 -> 4 instead of 8; the GPU's cvt.rn is right). Else a value near a rounding midpoint
+    # may land on the other neighbour (the kernel's float32 sums and erf differ in the last bits).
+    wrong = out.float() != ref.float()
+    assert wrong.float().mean() < 0.05
+    got, want = out.float()[wrong], ref.float()[wrong]
+    carry = (torch.log2(want.abs()) == torch.log2(want.abs()).round()) & (got * 2 == want)
+    e4m3_step = torch.exp2(torch.floor(torch.log2(want.abs())).clamp(min=-6) - 3)
+    neighbour = (got - want).abs() <= e4m3_step
+    assert (carry | neighbour).all() and carry.sum() > neighbour.sum()
+
+
+def test_int8_output_rounds_half_to_even_and_clamps_to_the_narrow_range():
+    # one-column identity GEMM: y = a * scale, so the epilogue's rounding is what shows
+    a = torch.tensor([[1], [3], [5], [-1], [-3], [100], [-100]], dtype=torch.int8)
+    w = torch.ones(1, 1, dtype=torch.int8)
+    out = tg.gemm8(a, w, torch.tensor(0.5), out_grid=torch.tensor([1.0]), out_fmt=tg.OUT_INT8)
+    assert out.flatten().tolist() == [0, 2, 2, 0, -2, 50, -50]
+    out = tg.gemm8(a, w, torch.tensor(4.0), out_grid=torch.tensor([1.0]), out_fmt=tg.OUT_INT8)
+    assert out.flatten().tolist() == [4, 12, 20, -4, -12, 127, -127]
+
+
+def test_gemm8_refuses_what_it_cannot_mean():
+    a, w, scale = operands("int8", 4, 16, 8)
+    with pytest.raises(ValueError, match="gate rows start at 2, inside the first 4"):
+        tg.gemm8(a, w, scale, n=4, gate_offset=2)
+    with pytest.raises(ValueError, match="needs out_grid"):
+        tg.gemm8(a, w, scale, out_fmt=tg.OUT_INT8)
