@@ -95,20 +95,17 @@ if triton is not None:
         a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
         w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]
         g_ptrs = w_ptrs + gate_offset * stride_wn
-        if IS_INT:
-            acc_type, zero = tl.int32, 0
-        else:
-            acc_type, zero = tl.float32, 0.0
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_type)
-        gate_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_type)
+        # (masked-off elements load as 0; dot takes int32 sums for int8, float32 for fp8)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+        gate_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = rk < K - k0
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=zero)
-            w = tl.load(w_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=zero)
-            acc = tl.dot(a, w, acc, out_dtype=acc_type)
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(a, w, acc)
             if GEGLU:
-                g = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=zero)
-                gate_acc = tl.dot(a, g, gate_acc, out_dtype=acc_type)
+                g = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+                gate_acc = tl.dot(a, g, gate_acc)
                 g_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
