@@ -95,17 +95,17 @@ if triton is not None:
         a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
         w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]
         g_ptrs = w_ptrs + gate_offset * stride_wn
-        # (masked-off elements load as 0; dot takes int32 sums for int8, float32 for fp8)
+        # (masked-off elements load as 0; int8 sums in int32, fp8 ones in float32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
         gate_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = rk < K - k0
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
             if GEGLU:
                 g = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-                gate_acc = tl.dot(a, g, gate_acc)
+                gate_acc = tl.dot(a, g, gate_acc, out_dtype=tl.int32 if IS_INT else tl.float32)
                 g_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
