@@ -92,3 +92,11 @@ def test_gemm8_refuses_what_it_cannot_mean():
         tg.gemm8(a, w, scale, n=4, gate_offset=2)
     with pytest.raises(ValueError, match="needs out_grid"):
         tg.gemm8(a, w, scale, out_fmt=tg.OUT_INT8)
+
+
+def test_gemm8_reads_only_the_rows_it_uses():
+    # Int8Linear pads the weight's rows for cuBLASLt; its scale covers the real ones only
+    a, w, scale = operands("int8", 20, 32, 24)
+    padded = torch.cat([w, torch.full((8, 32), 99, dtype=torch.int8)])
+    out = tg.gemm8(a, padded, scale, n=24)
+    assert torch.equal(out, tg.gemm8_reference(a, w, scale))

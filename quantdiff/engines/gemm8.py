@@ -1,6 +1,7 @@
 """8-bit GEMMs, and convolutions as 8-bit GEMMs, written in plain PyTorch ops.
 
-The GEMMs are cuBLASLt's (torch._scaled_mm for fp8 e4m3, torch._int_mm for int8). Everything around
+The GEMMs are cuBLASLt's (torch._scaled_mm for fp8 e4m3, torch._int_mm for int8), except int8 on
+the GPU, which runs the project's Triton kernel (engines/triton_gemm.py). Everything around
 them is written so that torch.compile / AOTInductor can fuse it: the activation's quantization
 (scale, clamp, cast) folds into the kernel that produces the activation (norm, GELU, residual add),
 and a convolution's patch matrix (im2col) is one copy kernel over its already quantized input. Shapes
@@ -9,7 +10,13 @@ that are known at trace time skip the cuBLASLt padding, so a statically compiled
 import torch
 import torch.nn.functional as F
 
+from quantdiff.engines import triton_gemm
+
 FP8 = torch.float8_e4m3fn
+# On an H200 (docs/PERF.md, bench.gemm) the Triton int8 GEMM with its dequantize fused took
+# 0.54-0.81 of the time of cuBLASLt's _int_mm (an Ampere kernel there) plus its dequantize, on
+# every SDXL shape; its fp8 form lost to cuBLASLt's fp8 GEMM (1.2-1.5x slower), so fp8 stays there.
+TRITON_INT8_GEMM = True
 
 
 def _known_multiple(n, multiple):
@@ -105,6 +112,20 @@ def int8_dequantize(acc, out_scale, bias, dtype):
     return out.to(dtype)
 
 
+def int8_linear(a, w, out_scale, bias, dtype):
+    """(m, k) int8 @ (n', k)^T int8, dequantized to (m, n) in dtype, n = len(out_scale) <= n'.
+
+    On the GPU, the Triton kernel: the int32 sums are scaled, biased and cast in its epilogue.
+    Elsewhere (and with TRITON_INT8_GEMM off) torch._int_mm, then int8_dequantize. Same value:
+    the int32 sums are exact either way and the epilogue is the same float32 arithmetic.
+    """
+    n = out_scale.shape[0]
+    if a.is_cuda and TRITON_INT8_GEMM and triton_gemm.available(a.device):
+        return triton_gemm.gemm8(a, w, out_scale, bias, n=n, out_dtype=dtype)
+    acc = int8_matmul(a, w)
+    return int8_dequantize(acc if acc.shape[1] == n else acc[:, :n], out_scale, bias, dtype)
+
+
 # ---------------------------------------------------------------- convolutions
 
 def conv_output_size(size, kernel, stride, padding, dilation):
@@ -155,5 +176,5 @@ def conv2d_as_gemm(conv, x):
     if conv.fmt == "fp8":
         out = fp8_matmul(a, weight, conv.act.back, conv.weight_factor, x.dtype, conv.bias, conv.fast_accum)
     else:
-        out = int8_dequantize(int8_matmul(a, weight), conv.out_scale, conv.bias, x.dtype)
+        out = int8_linear(a, weight, conv.out_scale, conv.bias, x.dtype)
     return out.reshape(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)

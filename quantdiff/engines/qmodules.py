@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantdiff.engines.gemm8 import conv2d_as_gemm, fp8_matmul, int8_dequantize, int8_matmul, int8_out_scale
+from quantdiff.engines.gemm8 import conv2d_as_gemm, fp8_matmul, int8_linear, int8_out_scale
 from quantdiff.errors import ConfigError
 from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8
 
@@ -131,8 +131,7 @@ class Int8Linear(nn.Module):
         xq = self.act.quantize(x.reshape(-1, self.in_features))
         if self.weight.shape[1] != self.in_features:
             xq = F.pad(xq, (0, self.weight.shape[1] - self.in_features))
-        acc = int8_matmul(xq, self.weight)[:, : self.out_features]
-        return int8_dequantize(acc, self.out_scale, self.bias, x.dtype).reshape(*lead, self.out_features)
+        return int8_linear(xq, self.weight, self.out_scale, self.bias, x.dtype).reshape(*lead, self.out_features)
 
     def dequantized_weight(self, dtype=torch.float32):
         w = self.weight[: self.out_features, : self.in_features]

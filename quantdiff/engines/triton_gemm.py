@@ -70,9 +70,14 @@ def gemm8_reference(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0
 
 if triton is not None:
     _SQRT_HALF = tl.constexpr(0.7071067811865476)
-    # Adding then subtracting 1.5 * 2**23 rounds a float32 |y| < 2**22 to an integer, half to even
-    # (torch.round's rule) without libdevice, which Triton's interpreter lacks.
-    _ROUND_MAGIC = tl.constexpr(12582912.0)
+
+    @triton.jit
+    def _round_half_even(y):
+        """torch.round's rule without libdevice (which Triton's interpreter lacks). Not the
+        (y + 1.5 * 2**23) - 1.5 * 2**23 trick: on the GPU the compiler folded it away (seen on an H200)."""
+        r = tl.floor(y + 0.5)
+        odd = r - 2.0 * tl.floor(r * 0.5)
+        return tl.where((r - y == 0.5) & (odd != 0.0), r - 1.0, r)
 
     @triton.jit
     def _gemm8_kernel(a_ptr, w_ptr, scale_ptr, bias_ptr, grid_ptr, out_ptr, M, N, K, gate_offset,
@@ -121,7 +126,7 @@ if triton is not None:
         if OUT_FMT == 1:
             y = y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :]
             # clamping first is the same as clamping the rounded value: the bounds are integers
-            y = (tl.clamp(y, int8_min, 127.0) + _ROUND_MAGIC) - _ROUND_MAGIC
+            y = _round_half_even(tl.clamp(y, int8_min, 127.0))
         elif OUT_FMT == 2:
             y = tl.clamp(y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :], -448.0, 448.0)
         out = y.to(out_ptr.dtype.element_ty)
@@ -185,8 +190,12 @@ def gemm8(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=
         raise ValueError(f"gate rows start at {gate_offset}, inside the first {n} rows")
     if out_fmt != OUT_FLOAT and out_grid is None:
         raise ValueError("an 8-bit output needs out_grid, the next GEMM's input scale per column")
-    # per-column vectors, contiguous: the kernel reads element n of each (a 0-dim scale broadcasts)
-    scale = scale.float().expand(w.shape[0]).contiguous()
+    # per-column vectors, contiguous: the kernel reads element n of each (a 0-dim scale broadcasts);
+    # w may have zero rows past those used (padding for cuBLASLt), which the kernel never reads
+    rows = gate_offset + n if gate_offset else n
+    scale = scale.float().reshape(-1)
+    scale = (scale if scale.numel() > 1 else scale.expand(rows))[:rows].contiguous()
+    w = w if w.stride(1) == 1 else w.contiguous()
     if out_grid is not None:
         out_grid = out_grid.float().expand(n).contiguous()
     if bias is not None:
