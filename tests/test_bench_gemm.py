@@ -51,3 +51,11 @@ def test_every_path_is_close_to_its_reference(fmt, geglu):
         assert out.shape == ((40, 48) if geglu else (40, 96)), name
         # fp16 output rounding; for GEGLU also a grid step where rounding lands differently (erf, fp8 cast)
         assert (out - ref).norm() / ref.norm() < (3e-2 if geglu and f else 1e-3), name
+
+
+def test_sweep_configs_are_distinct_and_include_the_autotuned_ones():
+    from quantdiff.engines import triton_gemm as tg
+
+    tiles = [tuple(sorted(c.all_kwargs().items())) for c in tg.SWEEP_CONFIGS]
+    assert len(set(tiles)) == len(tiles)
+    assert all(c in tg.SWEEP_CONFIGS for c in tg.CONFIGS)

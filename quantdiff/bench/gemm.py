@@ -156,18 +156,50 @@ def measure_shape(m, k, n, modes, log, geglu=False):
     return rows
 
 
+def sweep_shape(m, k, n, log):
+    """Microseconds of the Triton kernel alone (8-bit input, fp16 output) per tile config."""
+    ops = gemm_operands(m, k, n)
+    rows = []
+    for fmt in ("int8", "fp8"):
+        p = ops[fmt]
+        a = (quantize_fp8 if fmt == "fp8" else quantize_int8)(ops["x"], p["to_grid"])
+        scale = (p["back"] * p["w_back"] if fmt == "fp8" else p["out_scale"]).float().expand(n).contiguous()
+        out = torch.empty(m, n, device=a.device, dtype=torch.float16)
+        for config in triton_gemm.SWEEP_CONFIGS:
+            kwargs = config.all_kwargs()
+            try:
+                def run():
+                    triton_gemm.launch_kernel(a, p["w"], scale, None, None, out, n, 0, triton_gemm.OUT_FLOAT, -127, kwargs)
+                run()
+                us = time_graph(run)
+            except Exception as e:  # e.g. out of shared memory: a config this GPU cannot take
+                log(f"{m}x{k}x{n} {fmt} {kwargs}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            rows.append({"shape": [m, k, n], "path": f"{fmt} triton", "config": kwargs, "us": round(us, 2),
+                         "tflops": round(2 * m * k * n / us / 1e6, 1)})
+            log(json.dumps(rows[-1]))
+    return rows
+
+
 def main(argv=None):
     from ..device import describe_device, require_cuda
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default="default,max-autotune-no-cudagraphs")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new shape after this")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: time the Triton kernel alone for every tile in triton_gemm.SWEEP_CONFIGS")
     parser.add_argument("--out", default="gemm_bench.json")
     args = parser.parse_args(argv)
     require_cuda("GEMM benchmark")
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     began = time.time()
     result = {"device": describe_device("cuda"), "torch": torch.__version__, "rows": []}
+    if args.sweep:
+        for m, k, n in SHAPES:
+            result["rows"] += sweep_shape(m, k, n, log)
+            write_json(args.out, result)
+        return result
     for m, k, n in SHAPES:
         if time.time() - began > args.budget_s:
             log(f"{m}x{k}x{n}: skipped by the budget")

@@ -141,6 +141,10 @@ if triton is not None:
     CONFIGS = [_config(128, 256, 128, 8, 3), _config(128, 128, 128, 8, 4), _config(128, 128, 128, 4, 4),
                _config(64, 128, 128, 4, 4), _config(128, 64, 128, 4, 4), _config(256, 128, 128, 8, 3),
                _config(64, 64, 128, 4, 5)]
+    # more tiles, timed one by one by `python -m quantdiff.bench.gemm --sweep` (not autotuned: each costs build time)
+    SWEEP_CONFIGS = CONFIGS + [_config(128, 256, 128, 8, 4), _config(128, 256, 64, 8, 4), _config(128, 128, 64, 4, 6),
+                               _config(64, 256, 128, 4, 3), _config(128, 128, 128, 8, 5), _config(256, 128, 64, 8, 4),
+                               _config(128, 256, 128, 8, 3, group=16), _config(64, 128, 256, 4, 3)]
     GEGLU_CONFIGS = [_config(128, 128, 128, 8, 3), _config(128, 64, 128, 4, 4), _config(64, 128, 128, 4, 4),
                      _config(128, 128, 64, 8, 4), _config(64, 64, 128, 4, 5)]
     # the interpreter runs one small tile on the CPU (autotuning there would time nothing real)
@@ -150,8 +154,9 @@ if triton is not None:
     _gemm8_tuned = triton.autotune(configs=CONFIGS, key=_KEYS)(_gemm8_kernel)
     _gemm8_geglu_tuned = triton.autotune(configs=GEGLU_CONFIGS, key=_KEYS)(_gemm8_kernel)
 
-    def _launch(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, config=None):
-        """Runs the kernel into `out` (m, n); `config` pins a tile (else autotuned, or the interpreter's)."""
+    def launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, config=None):
+        """Runs the kernel into `out` (m, n); `config` (a triton.Config's all_kwargs()) pins a tile
+        (else autotuned, or the interpreter's)."""
         from torch.library import wrap_triton
 
         m, k = a.shape
@@ -178,7 +183,7 @@ if triton is not None:
                  out_dtype: torch.dtype) -> torch.Tensor:
         dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
         out = torch.empty((a.shape[0], n), device=a.device, dtype=dtype)
-        return _launch(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min)
+        return launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min)
 
 
 def gemm8(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=OUT_FLOAT,
@@ -207,4 +212,4 @@ def gemm8(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=
         raise RuntimeError("gemm8 runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
     dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
     out = torch.empty((a.shape[0], n), dtype=dtype)
-    return _launch(a.contiguous(), w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min)
+    return launch_kernel(a.contiguous(), w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min)
