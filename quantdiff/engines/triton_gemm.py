@@ -132,19 +132,21 @@ if triton is not None:
         out = y.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
-    # Tiles for Hopper's 8-bit tensor cores (k-deep 128-byte rows); the GEGLU form keeps two
-    # accumulators, so it gets the narrower tiles. AOTInductor benchmarks these per shape at build.
+    # Tiles for Hopper's 8-bit tensor cores, from `bench.gemm --sweep` on an H200 (docs/PERF.md):
+    # 128x128x64 with 4 warps and 6 stages was fastest for int8 on 4 of SDXL's 5 linear shapes,
+    # 256x128x64 with 8 warps for fp8 on 4. AOTInductor benchmarks these per shape at build time.
     def _config(m, n, k, warps, stages, group=8):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group},
                              num_warps=warps, num_stages=stages)
 
-    CONFIGS = [_config(128, 256, 128, 8, 3), _config(128, 128, 128, 8, 4), _config(128, 128, 128, 4, 4),
-               _config(64, 128, 128, 4, 4), _config(128, 64, 128, 4, 4), _config(256, 128, 128, 8, 3),
-               _config(64, 64, 128, 4, 5)]
+    CONFIGS = [_config(128, 128, 64, 4, 6), _config(256, 128, 64, 8, 4), _config(256, 128, 128, 8, 3),
+               _config(128, 256, 128, 8, 3), _config(128, 128, 128, 8, 4), _config(64, 128, 128, 4, 4),
+               _config(128, 64, 128, 4, 4)]
     # more tiles, timed one by one by `python -m quantdiff.bench.gemm --sweep` (not autotuned: each costs build time)
-    SWEEP_CONFIGS = CONFIGS + [_config(128, 256, 128, 8, 4), _config(128, 256, 64, 8, 4), _config(128, 128, 64, 4, 6),
-                               _config(64, 256, 128, 4, 3), _config(128, 128, 128, 8, 5), _config(256, 128, 64, 8, 4),
-                               _config(128, 256, 128, 8, 3, group=16), _config(64, 128, 256, 4, 3)]
+    SWEEP_CONFIGS = CONFIGS + [_config(128, 128, 128, 4, 4), _config(64, 64, 128, 4, 5), _config(128, 256, 128, 8, 4),
+                               _config(128, 256, 64, 8, 4), _config(64, 256, 128, 4, 3), _config(128, 128, 128, 8, 5),
+                               _config(128, 256, 128, 8, 3, group=16), _config(64, 128, 256, 4, 3),
+                               _config(128, 128, 64, 4, 5), _config(128, 128, 64, 8, 6), _config(128, 64, 64, 4, 6)]
     GEGLU_CONFIGS = [_config(128, 128, 128, 8, 3), _config(128, 64, 128, 4, 4), _config(64, 128, 128, 4, 4),
                      _config(128, 128, 64, 8, 4), _config(64, 64, 128, 4, 5)]
     # the interpreter runs one small tile on the CPU (autotuning there would time nothing real)
