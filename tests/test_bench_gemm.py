@@ -53,9 +53,11 @@ def test_every_path_is_close_to_its_reference(fmt, geglu):
         assert (out - ref).norm() / ref.norm() < (3e-2 if geglu and f else 1e-3), name
 
 
-def test_sweep_configs_are_distinct_and_include_the_autotuned_ones():
+def test_sweep_configs_are_distinct_and_include_the_chosen_tiles():
     from quantdiff.engines import triton_gemm as tg
 
-    tiles = [tuple(sorted(c.all_kwargs().items())) for c in tg.SWEEP_CONFIGS]
-    assert len(set(tiles)) == len(tiles)
-    assert all(c in tg.SWEEP_CONFIGS for c in tg.CONFIGS)
+    tiles = [tuple(sorted(tg.tile_kwargs(c).items())) for c in tg.SWEEP_CONFIGS]
+    assert len(set(tiles)) == len(tiles) == 18
+    assert tg.tile_kwargs(tg.TILES["int8"]) == {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+                                                  "num_warps": 4, "num_stages": 5}
+    assert all(tile in tg.SWEEP_CONFIGS for tile in tg.TILES.values())

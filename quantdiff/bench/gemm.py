@@ -166,7 +166,7 @@ def sweep_shape(m, k, n, log):
         scale = (p["back"] * p["w_back"] if fmt == "fp8" else p["out_scale"]).float().expand(n).contiguous()
         out = torch.empty(m, n, device=a.device, dtype=torch.float16)
         for config in triton_gemm.SWEEP_CONFIGS:
-            kwargs = config.all_kwargs()
+            kwargs = triton_gemm.tile_kwargs(config)
             try:
                 def run():
                     triton_gemm.launch_kernel(a, p["w"], scale, None, None, out, n, 0, triton_gemm.OUT_FLOAT, -127, kwargs)

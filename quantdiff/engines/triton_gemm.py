@@ -10,7 +10,7 @@ cuBLASLt leaves two costs in the UNet's 8-bit linears that a GEMM of our own rem
   offset computes the value and gate tiles side by side and writes that 8-bit input directly.
 
 The kernel is the custom op `quantdiff::gemm8` (torch.library.triton_op), so torch.compile and
-AOTInductor put it in the compiled graph, autotuned for each shape at build time.
+AOTInductor put it in the compiled graph (AOTInductor packages its compiled kernels).
 `gemm8_reference` is its meaning in plain PyTorch; CPU tests run the kernel itself in Triton's
 interpreter (TRITON_INTERPRET=1, set before this module is imported) against it.
 """
@@ -132,33 +132,39 @@ if triton is not None:
         out = y.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
-    # Tiles for Hopper's 8-bit tensor cores, from `bench.gemm --sweep` on an H200 (docs/PERF.md):
-    # 128x128x64 with 4 warps and 6 stages was fastest for int8 on 4 of SDXL's 5 linear shapes,
-    # 256x128x64 with 8 warps for fp8 on 4. AOTInductor benchmarks these per shape at build time.
     def _config(m, n, k, warps, stages, group=8):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group},
                              num_warps=warps, num_stages=stages)
 
-    CONFIGS = [_config(128, 128, 64, 4, 6), _config(256, 128, 64, 8, 4), _config(256, 128, 128, 8, 3),
-               _config(128, 256, 128, 8, 3), _config(128, 128, 128, 8, 4), _config(64, 128, 128, 4, 4),
-               _config(128, 64, 128, 4, 4)]
-    # more tiles, timed one by one by `python -m quantdiff.bench.gemm --sweep` (not autotuned: each costs build time)
-    SWEEP_CONFIGS = CONFIGS + [_config(128, 128, 128, 4, 4), _config(64, 64, 128, 4, 5), _config(128, 256, 128, 8, 4),
-                               _config(128, 256, 64, 8, 4), _config(64, 256, 128, 4, 3), _config(128, 128, 128, 8, 5),
-                               _config(128, 256, 128, 8, 3, group=16), _config(64, 128, 256, 4, 3),
-                               _config(128, 128, 64, 4, 5), _config(128, 128, 64, 8, 6), _config(128, 64, 64, 4, 6)]
+    def tile_kwargs(config):
+        """A triton.Config as launch keywords (the tile and its warps and stages)."""
+        return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+    # One tile per input type, from `bench.gemm --sweep` on an H200 (docs/PERF.md): for int8,
+    # 128x128x64 with 4 warps and 5 stages was the fastest of 18 tiles on all five of SDXL's linear
+    # shapes; for fp8, 256x128x64 with 8 warps on four. Fixed rather than autotuned: one tile won
+    # everywhere, autotuning costs build time, and what the autotuner picked under torch.compile
+    # could not be seen (its compiled GEMMs were slower than the best tile alone plus a quantize).
+    TILES = {"int8": _config(128, 128, 64, 4, 5), "fp8": _config(256, 128, 64, 8, 4)}
+    # the tiles `python -m quantdiff.bench.gemm --sweep` times one by one
+    SWEEP_CONFIGS = [TILES["int8"], TILES["fp8"]] + [
+        _config(128, 128, 64, 4, 6), _config(256, 128, 128, 8, 3), _config(128, 256, 128, 8, 3),
+        _config(128, 128, 128, 8, 4), _config(64, 128, 128, 4, 4), _config(128, 64, 128, 4, 4),
+        _config(128, 128, 128, 4, 4), _config(64, 64, 128, 4, 5), _config(128, 256, 128, 8, 4),
+        _config(128, 256, 64, 8, 4), _config(64, 256, 128, 4, 3), _config(128, 128, 128, 8, 5),
+        _config(128, 256, 128, 8, 3, group=16), _config(64, 128, 256, 4, 3), _config(128, 128, 64, 8, 6),
+        _config(128, 64, 64, 4, 6)]
+    # The GEGLU form keeps two accumulators; no tile of it has beaten the unfused pair yet (PERF.md),
+    # so it is autotuned over a few and used by the GEMM bench only.
     GEGLU_CONFIGS = [_config(128, 128, 128, 8, 3), _config(128, 64, 128, 4, 4), _config(64, 128, 128, 4, 4),
                      _config(128, 128, 64, 8, 4), _config(64, 64, 128, 4, 5)]
-    # the interpreter runs one small tile on the CPU (autotuning there would time nothing real)
-    INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+    _gemm8_geglu_tuned = triton.autotune(configs=GEGLU_CONFIGS, key=["M", "N", "K", "OUT_FMT"])(_gemm8_kernel)
+    # the interpreter runs one small tile on the CPU
+    INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
-    _KEYS = ["M", "N", "K", "GEGLU", "OUT_FMT"]
-    _gemm8_tuned = triton.autotune(configs=CONFIGS, key=_KEYS)(_gemm8_kernel)
-    _gemm8_geglu_tuned = triton.autotune(configs=GEGLU_CONFIGS, key=_KEYS)(_gemm8_kernel)
-
-    def launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, config=None):
-        """Runs the kernel into `out` (m, n); `config` (a triton.Config's all_kwargs()) pins a tile
-        (else autotuned, or the interpreter's)."""
+    def launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, tile=None):
+        """Runs the kernel into `out` (m, n). `tile`: launch keywords (tile_kwargs) to use instead
+        of the input type's TILES entry (or, for GEGLU, the autotuner's pick)."""
         from torch.library import wrap_triton
 
         m, k = a.shape
@@ -170,13 +176,13 @@ if triton is not None:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        if config is None and interpreting():
-            config = INTERPRETER_CONFIG
-        if config is not None:
-            _gemm8_kernel[grid](*args, **flags, **config)
+        if interpreting():
+            _gemm8_kernel[grid](*args, **flags, **(tile or INTERPRETER_TILE))
+        elif gate_offset and tile is None:
+            wrap_triton(_gemm8_geglu_tuned)[grid](*args, **flags)
         else:
-            kernel = _gemm8_geglu_tuned if gate_offset else _gemm8_tuned
-            wrap_triton(kernel)[grid](*args, **flags)
+            tile = tile or tile_kwargs(TILES["int8" if flags["IS_INT"] else "fp8"])
+            wrap_triton(_gemm8_kernel)[grid](*args, **flags, **tile)
         return out
 
     @torch.library.triton_op("quantdiff::gemm8", mutates_args=())
