@@ -69,3 +69,22 @@ def test_compiled_step_returns_the_noise_prediction(backend):
     out = step()
     assert out.shape == expected.shape and bench_unet.relative_error(expected, out) < 1e-4
     assert any("engine: compiled in" in line for line in said) == (backend == "aoti")
+
+
+def test_kinds_count_the_engines_own_gemm_kernel_once():
+    # rows as the H200 profile of the int8 engine had them: the Triton GEMM's GPU kernel, the
+    # CPU-side range Inductor wraps it in (same name, suffixed, nesting the same device time),
+    # an aten GEMM, a generated Triton kernel and the CPU range of a cuDNN attention call
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(key, device_type, total, own):
+        return SimpleNamespace(key=key, device_type=device_type, device_time_total=total, self_device_time_total=own)
+
+    events = [event("_gemm8_kernel", cuda, 9000, 9000), event("_gemm8_kernel_13", cpu, 6000, 0),
+              event("_gemm8_kernel_11", cpu, 3000, 0), event("aten::mm", cpu, 3000, 0),
+              event("triton_poi_fused_mul_0", cuda, 1500, 1500), event("triton_poi_fused_mul_0", cpu, 1500, 0),
+              event("aten::_scaled_dot_product_cudnn_attention", cpu, 600, 0), event("Memcpy DtoD", cuda, 300, 300)]
+    assert bench_unet.device_ms_by_kind(events, calls=3) == {"gemm": 4.0, "conv": 0.0, "attention": 0.2,
+                                                             "triton": 0.5}

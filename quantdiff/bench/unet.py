@@ -25,6 +25,9 @@ from .timing import cuda_bytes_beside_allocator, module_bytes, time_calls, time_
 # aten ops whose device time is a GEMM, a convolution or attention (no op here nests in another)
 OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "aten::_scaled_mm": "gemm",
             "aten::_int_mm": "gemm", "aten::convolution": "conv"}
+# GPU kernels by name: the engine's Triton GEMM (engines/triton_gemm.py; Inductor may suffix it),
+# and Inductor's generated ones. A CPU-side range of the same name nests them, so only GPU events count.
+OWN_KERNELS = (("_gemm8_kernel", "gemm"), ("triton_", "triton"))
 
 
 def relative_error(reference, test):
@@ -39,6 +42,23 @@ def count_flops(unet, inputs):
     return counter.get_total_flops()
 
 
+def device_ms_by_kind(events, calls):
+    """Device milliseconds per call by kind, from torch.profiler's key_averages(): aten GEMMs (and
+    the engine's own Triton GEMM kernel, quantdiff::gemm8), convolutions, attention, and Inductor's
+    generated Triton kernels. Kernels count by their own (self) time on the GPU."""
+    kinds = {"gemm": 0.0, "conv": 0.0, "attention": 0.0, "triton": 0.0}
+    for event in events:
+        kind = OP_KINDS.get(event.key) or ("attention" if event.key.startswith("aten::_scaled_dot_product_") else None)
+        if kind:
+            kinds[kind] += event.device_time_total
+        elif event.device_type == torch.autograd.DeviceType.CUDA:
+            for prefix, kind in OWN_KERNELS:
+                if event.key.startswith(prefix):
+                    kinds[kind] += event.self_device_time_total
+                    break
+    return {k: round(v / calls / 1000, 3) for k, v in kinds.items()}
+
+
 def profile_step(fn, out_file, calls=3):
     """Device milliseconds per call spent in GEMMs, convolutions, attention and Inductor's Triton
     kernels (the fused norms, activations and quantization); the per-shape table goes to out_file."""
@@ -48,17 +68,10 @@ def profile_step(fn, out_file, calls=3):
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    kinds = {"gemm": 0.0, "conv": 0.0, "attention": 0.0, "triton": 0.0}
-    for event in prof.key_averages():
-        kind = OP_KINDS.get(event.key) or ("attention" if event.key.startswith("aten::_scaled_dot_product_") else None)
-        if kind:
-            kinds[kind] += event.device_time_total
-        elif event.key.startswith("triton_") and event.device_type == torch.autograd.DeviceType.CUDA:
-            kinds["triton"] += event.self_device_time_total
     table = prof.key_averages(group_by_input_shape=True).table(sort_by="device_time_total", row_limit=400,
                                                                max_name_column_width=60, max_shapes_column_width=70)
     Path(out_file).write_text(table)
-    return {k: round(v / calls / 1000, 3) for k, v in kinds.items()}
+    return device_ms_by_kind(prof.key_averages(), calls)
 
 
 def compiled_step(module, inputs, backend, log=print, inductor=None):
