@@ -61,3 +61,25 @@ def _job_names(dry_run_text):
     """Rule names in the 'Job stats' table of one dry run."""
     table = dry_run_text.split("Job stats:")[1].split("total")[0]
     return [line.split()[0] for line in table.splitlines()[3:] if line.strip()]
+
+
+def test_a_failed_engine_phase_skips_that_precisions_bench(tmp_path):
+    """A stand-in snakemake that fails int8's engine phase: int8 gets no bench run (it would only
+    rebuild the same engine), the others do, and the script says so and exits 1."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text("#!/bin/sh\necho 2\n")
+    calls = tmp_path / "calls.txt"
+    (shim / "snakemake").write_text(f"#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES $*\" >> {calls}\n"
+                                    "case \"$*\" in *--until*int8*) exit 1;; esac\n")
+    for tool in ("python3", "snakemake"):
+        (shim / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(SCRIPT), "tiny-xl", "fp8", "int8", "fp16"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "skipped: int8 bench (its engine phase failed)" in result.stdout
+    bench_runs = [line.split() for line in calls.read_text().splitlines() if "--until" not in line and "bench.json" in line]
+    # (GPU, target): fp16 moves up to GPU 1, where int8 would have been
+    assert sorted((run[0], run[-1]) for run in bench_runs) == [("0", "results/tiny-xl/fp8/bench.json"),
+                                                               ("1", "results/tiny-xl/fp16/bench.json")]

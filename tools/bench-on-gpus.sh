@@ -10,7 +10,8 @@
 #   1. the stages every precision shares (model, reference images);
 #   2. every precision's calibration and engine at once, spread over the GPUs: an engine build is
 #      mostly compiler work on the CPU, and the GPUs have memory for several;
-#   3. the benches, one per GPU at a time, in the order given: a timing shares its GPU with nothing.
+#   3. the benches, one per GPU at a time, in the order given: a timing shares its GPU with nothing;
+#      a precision whose phase 2 failed is left out (exit status 1).
 # On Slurm none of this is needed: the executor gives each job its GPU (docs/CLUSTER.md).
 set -uo pipefail
 usage="usage: $0 MODEL PRECISION... [-- SNAKEMAKE_ARGS...]"
@@ -46,14 +47,24 @@ for ((i = 0; i < n; i++)); do
         --until engine_torch engine_tensorrt -- "results/$model/${precisions[i]}/bench.json" &
     pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+# A precision whose calibration or engine failed gets no bench: snakemake would only retry the
+# same build there, serially on its GPU, before failing the same way.
+ready=()
+for ((i = 0; i < n; i++)); do
+    if wait "${pids[i]}"; then
+        ready+=("${precisions[i]}")
+    else
+        failed=1
+        echo "skipped: ${precisions[i]} bench (its engine phase failed)"
+    fi
+done
 
 pids=()
-for ((gpu = 0; gpu < gpus && gpu < n; gpu++)); do
+for ((gpu = 0; gpu < gpus && gpu < ${#ready[@]}; gpu++)); do
     (
         status=0
-        for ((i = gpu; i < n; i += gpus)); do
-            on_gpu $gpu $((cores / gpus)) "${precisions[i]}" -- "results/$model/${precisions[i]}/bench.json" || status=1
+        for ((i = gpu; i < ${#ready[@]}; i += gpus)); do
+            on_gpu $gpu $((cores / gpus)) "${ready[i]}" -- "results/$model/${ready[i]}/bench.json" || status=1
         done
         exit $status
     ) &
