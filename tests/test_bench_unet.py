@@ -88,3 +88,9 @@ def test_kinds_count_the_engines_own_gemm_kernel_once():
               event("aten::_scaled_dot_product_cudnn_attention", cpu, 600, 0), event("Memcpy DtoD", cuda, 300, 300)]
     assert bench_unet.device_ms_by_kind(events, calls=3) == {"gemm": 4.0, "conv": 0.0, "attention": 0.2,
                                                              "triton": 0.5}
+
+
+def test_bad_int8_gemm_stops_before_anything(tmp_path):
+    with pytest.raises(ConfigError, match="int8 GEMM 'cutlass' is not one of auto, triton, int_mm"):
+        bench_unet.main(["--int8-gemm", "triton,cutlass", "--out", str(tmp_path / "bench")])
+    assert not (tmp_path / "bench").exists()

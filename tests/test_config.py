@@ -54,6 +54,7 @@ def test_alpha_auto_is_valid(config):
     (lambda c: c["calibration"].update(alpha="magic"), "config key 'calibration.alpha': 'magic' is not valid"),
     (lambda c: c["calibration"].update(alpha=1.5), "config key 'calibration.alpha'"),
     (lambda c: c["export"].update(ort_check="sometimes"), "config key 'export.ort_check': 'sometimes' is not one of"),
+    (lambda c: c["engine"].update(int8_gemm="cutlass"), "config key 'engine.int8_gemm': 'cutlass' is not one of ['auto', 'triton', 'int_mm']"),
     (lambda c: c["engine"].update(inductor={"max_autotun": True}),
      "config key 'engine.inductor.max_autotun': not a torch._inductor.config setting (torch "),
     (lambda c: c["engine"].update(inductor={"max_autotun": True}), "did you mean 'max_autotune'?"),
@@ -94,6 +95,17 @@ def test_inductor_settings_reach_the_engine_stage(config):
     plan = engine_settings(validated, "tiny-xl", "fp8", "tensorrt")
     assert "inductor" not in plan and {"optimization_level", "timing_cache"} <= set(plan)
     assert not {"optimization_level", "timing_cache"} & set(engine_settings(validated, "tiny-xl", "fp8"))
+
+
+def test_int8_gemm_setting_reaches_only_int8_torch_engines(config):
+    chosen = copy.deepcopy(config)
+    chosen["models"]["xl-turbo"]["engine"] = {"int8_gemm": "int_mm"}
+    validated = validate_config(chosen, root=ROOT)
+    assert engine_settings(validated, "tiny-xl", "int8")["int8_gemm"] == "auto"  # the default
+    assert engine_settings(validated, "xl-turbo", "int8")["int8_gemm"] == "int_mm"
+    # an fp8 engine or a TensorRT plan does not rebuild when it changes
+    assert "int8_gemm" not in engine_settings(validated, "xl-turbo", "fp8")
+    assert "int8_gemm" not in engine_settings(validated, "xl-turbo", "int8", "tensorrt")
 
 
 def test_snakemake_stops_before_any_job(tmp_path):

@@ -356,3 +356,49 @@ def test_inductor_settings_go_to_the_aotinductor_build(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="'engine.inductor.max_autotune': takes a bool"):
         te.package_engine(unet, unet_inputs(2, 1), tmp_path / "other.pt2", dynamic=False, inductor={"max_autotune": 1})
     assert not (tmp_path / "other.pt2").exists()
+
+
+@pytest.mark.parametrize("choice, capability, has_triton, kernel", [
+    ("auto", (9, 0), True, "triton"),     # Hopper: cuBLASLt's int8 GEMM is an Ampere kernel there
+    ("auto", (10, 0), True, "triton"),
+    ("auto", (8, 0), True, "int_mm"),     # Ampere keeps cuBLASLt's native kernel
+    ("auto", (9, 0), False, "int_mm"),
+    ("triton", (8, 0), True, "triton"),
+    ("int_mm", (9, 0), True, "int_mm"),
+])
+def test_int8_gemm_kernel_for_a_gpu(monkeypatch, choice, capability, has_triton, kernel):
+    from quantdiff.engines import gemm8
+
+    monkeypatch.setattr(gemm8.torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: has_triton)
+    assert gemm8.resolve_int8_gemm(choice, "cuda") == kernel
+
+
+def test_int8_gemm_refusals_and_the_cpu(monkeypatch):
+    from quantdiff.engines import gemm8
+    from quantdiff.errors import MissingBackendError
+
+    assert {gemm8.resolve_int8_gemm(c, "cpu") for c in gemm8.INT8_GEMM_CHOICES} == {"int_mm"}
+    with pytest.raises(ConfigError, match="int8 GEMM 'cutlass' is not one of auto, triton, int_mm"):
+        gemm8.resolve_int8_gemm("cutlass", "cpu")
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: False)
+    with pytest.raises(MissingBackendError, match="engine.int8_gemm is triton, but the triton package is not "
+                                                  "installed .* or set engine.int8_gemm: int_mm"):
+        gemm8.resolve_int8_gemm("triton", "cuda")
+
+
+def test_int8_engine_build_sets_and_records_its_gemm(tmp_path, monkeypatch, int8_pair):
+    """engine.int8_gemm reaches every int8 module and engine_torch.json; on the CPU the kernel is torch._int_mm."""
+    monkeypatch.setattr(te.torch._inductor, "aoti_compile_and_package",
+                        lambda program, package_path, inductor_configs: Path(package_path).write_bytes(b"package"))
+    fake = copy.deepcopy(int8_pair[0])
+    info = te.build_torch_engine(fake, "int8", unet_inputs(2, 1), tmp_path / "engine.pt2", dynamic=False,
+                                 log=lambda *_: None, int8_gemm="triton")
+    assert info["int8_gemm"] == {"setting": "triton", "kernel": "int_mm"}
+    real = copy.deepcopy(int8_pair[1])
+    assert qm.set_int8_gemm(real, "int_mm") == len(real_modules(real)) > 0
+    assert {m.int8_gemm for _, m in real_modules(real)} == {"int_mm"}
+    with pytest.raises(ConfigError, match="'fast' is not one of"):
+        te.build_torch_engine(copy.deepcopy(int8_pair[0]), "int8", unet_inputs(2, 1), tmp_path / "other.pt2",
+                              dynamic=False, log=lambda *_: None, int8_gemm="fast")
+    assert not (tmp_path / "other.pt2").exists()

@@ -178,7 +178,8 @@ def inductor_setting(text):
 
 def main(argv=None):
     from ..device import describe_device, require_cuda, require_fp8
-    from ..engines.qmodules import QuantConv2d, convert_to_real_quant
+    from ..engines.gemm8 import resolve_int8_gemm
+    from ..engines.qmodules import QuantConv2d, convert_to_real_quant, set_int8_gemm
     from ..engines.torch import check_inductor_settings, device_layout
     from ..models import arch_unet, unet_example_inputs
     from ..quant.recipe import skip_modelopt_cuda_extensions
@@ -205,8 +206,14 @@ def main(argv=None):
     parser.add_argument("--baseline-inductor", type=inductor_setting, action="append", default=[],
                         metavar="KEY=VALUE", help="the same for the torch.compile fp16 baseline, to compare "
                                                   "like with like")
+    parser.add_argument("--int8-gemm", default="auto", metavar="KERNEL[,KERNEL]",
+                        help="int8 GEMM kernels to time, each as its own int8 variant: auto, triton, int_mm "
+                             "(torch._int_mm, cuBLASLt), as engine.int8_gemm")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
+    int8_gemms = args.int8_gemm.split(",")
+    for kernel in int8_gemms:
+        resolve_int8_gemm(kernel, "cpu")  # a bad name stops here, before any GPU work
     inductor = check_inductor_settings(dict(args.inductor), "--inductor")
     baseline_inductor = check_inductor_settings(dict(args.baseline_inductor), "--baseline-inductor")
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -249,15 +256,21 @@ def main(argv=None):
         counts["conv_as_gemm"] = sum(c.runs_as_gemm(on_gpu=True) for c in convs)
         log(f"{precision}: converted {counts}")
         packaged = " (AOTInductor package)" if args.backend == "aoti" else ""
-        row, out, _ = measure(f"torch engine {precision} L{level}{packaged}", real, inputs, flops, args, log,
-                              args.backend, inductor)
-        rows.append(row | {"counts": counts, "speedup": round(base["ms"] / row["ms"], 3),
-                           "memory_vs_fp16": round(row["footprint_mb"] / base["footprint_mb"], 3),
-                           "rel_err_vs_fakequant": round(relative_error(fake_out, out), 4),
-                           "rel_err_vs_fp16": round(relative_error(reference, out), 4),
-                           "fakequant_rel_err_vs_fp16": round(relative_error(reference, fake_out), 4)})
+        for kernel in int8_gemms if precision == "int8" else [None]:
+            name = f"torch engine {precision} L{level}{packaged}"
+            if kernel:
+                kernel = resolve_int8_gemm(kernel, "cuda")
+                set_int8_gemm(real, kernel)
+                name += f" ({kernel})"
+            row, out, _ = measure(name, real, inputs, flops, args, log, args.backend, inductor)
+            rows.append(row | {"counts": counts, "speedup": round(base["ms"] / row["ms"], 3),
+                               "memory_vs_fp16": round(row["footprint_mb"] / base["footprint_mb"], 3),
+                               "rel_err_vs_fakequant": round(relative_error(fake_out, out), 4),
+                               "rel_err_vs_fp16": round(relative_error(reference, out), 4),
+                               "fakequant_rel_err_vs_fp16": round(relative_error(reference, fake_out), 4)}
+                        | ({"int8_gemm": kernel} if kernel else {}))
+            write_json(Path(args.out) / "unet_bench.json", result)
         del fake, real, fake_out
-        write_json(Path(args.out) / "unet_bench.json", result)
     if base_graph is not None:  # the baseline again, last: the clock did not drift between variants
         again = time_calls(base_graph.replay, args.warmup, args.iters, "cuda")
         result["fp16_cuda_graph_ms_again"] = round(again["median"], 3)

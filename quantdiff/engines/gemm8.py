@@ -11,12 +11,31 @@ import torch
 import torch.nn.functional as F
 
 from quantdiff.engines import triton_gemm
+from quantdiff.errors import ConfigError, MissingBackendError
 
 FP8 = torch.float8_e4m3fn
-# On an H200 (docs/PERF.md, bench.gemm) the Triton int8 GEMM with its dequantize fused took
-# 0.54-0.81 of the time of cuBLASLt's _int_mm (an Ampere kernel there) plus its dequantize, on
-# every SDXL shape; its fp8 form lost to cuBLASLt's fp8 GEMM (1.2-1.5x slower), so fp8 stays there.
-TRITON_INT8_GEMM = True
+INT8_GEMM_CHOICES = ("auto", "triton", "int_mm")
+
+
+def resolve_int8_gemm(choice, device):
+    """The int8 GEMM kernel for `device` ("triton" or "int_mm", i.e. torch._int_mm; the CPU always
+    takes torch._int_mm): `engine.int8_gemm`. "auto" is Triton on Hopper and newer (sm_90+): on an
+    H200 (docs/PERF.md, bench.gemm) the Triton GEMM with its dequantize fused took 0.54-0.81 of
+    the time of _int_mm (an Ampere kernel there) plus its dequantize, on every SDXL shape. Older
+    GPUs keep cuBLASLt, whose int8 kernels are native there (not measured against Triton).
+    Asking for "triton" where it cannot run is an error."""
+    if choice not in INT8_GEMM_CHOICES:
+        raise ConfigError(f"int8 GEMM {choice!r} is not one of {', '.join(INT8_GEMM_CHOICES)}")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "int_mm"
+    if choice == "auto":
+        hopper = torch.cuda.get_device_capability(device) >= (9, 0)
+        return "triton" if hopper and triton_gemm.available(device) else "int_mm"
+    if choice == "triton" and not triton_gemm.available(device):
+        raise MissingBackendError("engine.int8_gemm is triton, but the triton package is not installed (CUDA "
+                                  "builds of torch bring it); install it or set engine.int8_gemm: int_mm")
+    return choice
 
 
 def _known_multiple(n, multiple):
@@ -112,15 +131,15 @@ def int8_dequantize(acc, out_scale, bias, dtype):
     return out.to(dtype)
 
 
-def int8_linear(a, w, out_scale, bias, dtype):
+def int8_linear(a, w, out_scale, bias, dtype, kernel="auto"):
     """(m, k) int8 @ (n', k)^T int8, dequantized to (m, n) in dtype, n = len(out_scale) <= n'.
 
-    On the GPU, the Triton kernel: the int32 sums are scaled, biased and cast in its epilogue.
-    Elsewhere (and with TRITON_INT8_GEMM off) torch._int_mm, then int8_dequantize. Same value:
-    the int32 sums are exact either way and the epilogue is the same float32 arithmetic.
+    `kernel` (resolve_int8_gemm) "triton": the Triton GEMM, which scales, biases and casts the
+    int32 sums in its epilogue; else torch._int_mm, then int8_dequantize. Same value: the int32
+    sums are exact either way and the epilogue is the same float32 arithmetic.
     """
     n = out_scale.shape[0]
-    if a.is_cuda and TRITON_INT8_GEMM and triton_gemm.available(a.device):
+    if resolve_int8_gemm(kernel, a.device) == "triton":
         return triton_gemm.gemm8(a, w, out_scale, bias, n=n, out_dtype=dtype)
     acc = int8_matmul(a, w)
     return int8_dequantize(acc if acc.shape[1] == n else acc[:, :n], out_scale, bias, dtype)
@@ -176,5 +195,5 @@ def conv2d_as_gemm(conv, x):
     if conv.fmt == "fp8":
         out = fp8_matmul(a, weight, conv.act.back, conv.weight_factor, x.dtype, conv.bias, conv.fast_accum)
     else:
-        out = int8_linear(a, weight, conv.out_scale, conv.bias, x.dtype)
+        out = int8_linear(a, weight, conv.out_scale, conv.bias, x.dtype, conv.int8_gemm)
     return out.reshape(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)

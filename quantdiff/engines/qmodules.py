@@ -109,6 +109,7 @@ def _round_up(n, multiple):
 class Int8Linear(nn.Module):
     """INT8 weight (per-channel) x INT8 activation (per-tensor static) linear, int32 accumulate."""
 
+    int8_gemm = "auto"  # the GPU kernel (gemm8.resolve_int8_gemm); set_int8_gemm sets a whole model
     def __init__(self, qlinear, where="linear"):
         super().__init__()
         self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
@@ -131,7 +132,8 @@ class Int8Linear(nn.Module):
         xq = self.act.quantize(x.reshape(-1, self.in_features))
         if self.weight.shape[1] != self.in_features:
             xq = F.pad(xq, (0, self.weight.shape[1] - self.in_features))
-        return int8_linear(xq, self.weight, self.out_scale, self.bias, x.dtype).reshape(*lead, self.out_features)
+        out = int8_linear(xq, self.weight, self.out_scale, self.bias, x.dtype, self.int8_gemm)
+        return out.reshape(*lead, self.out_features)
 
     def dequantized_weight(self, dtype=torch.float32):
         w = self.weight[: self.out_features, : self.in_features]
@@ -195,6 +197,7 @@ class QuantConv2d(nn.Module):
     """
 
     fast_accum = FP8_FAST_ACCUM
+    int8_gemm = "auto"  # as Int8Linear's
 
     def __init__(self, qconv, where="conv"):
         super().__init__()
@@ -443,6 +446,14 @@ def _convert_tree(parent, prefix, counts):
         new = _convert_module(child, where, counts)
         if new is not child:
             setattr(parent, name, new)
+
+
+def set_int8_gemm(model, kernel):
+    """Every int8 GEMM of a converted model on `kernel` (gemm8.INT8_GEMM_CHOICES); returns how many."""
+    modules = [m for m in model.modules() if isinstance(m, (Int8Linear, QuantConv2d))]
+    for module in modules:
+        module.int8_gemm = kernel
+    return len(modules)
 
 
 def remaining_modelopt_modules(model):

@@ -325,21 +325,35 @@ def device_layout(unet, device):
 
 
 def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None,
-                       inductor=None):
+                       inductor=None, int8_gemm="auto"):
     """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package.
 
-    Returns package_engine's info dict plus precision and conversion counts.
+    `int8_gemm`: the int8 GEMM kernel (gemm8.resolve_int8_gemm), resolved for the model's device.
+    Returns package_engine's info dict plus precision, conversion counts and, for int8, the kernel.
     """
-    from quantdiff.engines.qmodules import convert_to_real_quant
+    from quantdiff.engines.gemm8 import resolve_int8_gemm
+    from quantdiff.engines.qmodules import convert_to_real_quant, set_int8_gemm
 
     if precision not in ("fp16", "int8", "fp8"):
         raise ConfigError(f"precision {precision!r} is not one of fp16, int8, fp8")
     counts = {}
+    kernel = None
+    if precision == "int8":  # before conversion: a GEMM that cannot run stops the build before its work
+        kernel = resolve_int8_gemm(int8_gemm, next(unet.parameters()).device)
     if precision != "fp16":
         unet, counts = convert_to_real_quant(unet)
         log(f"engine: converted {counts}")
+    if kernel:
+        set_int8_gemm(unet, kernel)
+        log(f"engine: int8 GEMMs on {kernel} (engine.int8_gemm: {int8_gemm})")
     unet = device_layout(unet, next(unet.parameters()).device)  # after conversion, which makes new modules
     info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges,
                           inductor=inductor)
     info["precision"] = precision
+    if kernel:
+        info["int8_gemm"] = {"setting": int8_gemm, "kernel": kernel}
+        if kernel == "triton":
+            from quantdiff.engines.triton_gemm import TILES, tile_kwargs
+
+            info["int8_gemm"]["tile"] = tile_kwargs(TILES["int8"])
     return info
