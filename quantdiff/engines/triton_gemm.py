@@ -8,6 +8,7 @@ cuBLASLt leaves two costs in the UNet's 8-bit linears that a GEMM of our own rem
 - GEGLU feed-forwards: the FF-in GEMM writes twice the hidden width in fp16, and a second kernel
   reads it back for value * gelu(gate) and the FF-out GEMM's quantize. `gemm8` with a gate
   offset computes the value and gate tiles side by side and writes that 8-bit input directly.
+  (Measured no faster than the pair yet, docs/PERF.md: the GEMM bench times it, the engine does not use it.)
 
 The kernel is the custom op `quantdiff::gemm8` (torch.library.triton_op), so torch.compile and
 AOTInductor put it in the compiled graph (AOTInductor packages its compiled kernels).
@@ -159,6 +160,9 @@ if triton is not None:
     GEGLU_CONFIGS = [_config(128, 128, 128, 8, 3), _config(128, 64, 128, 4, 4), _config(64, 128, 128, 4, 4),
                      _config(128, 128, 64, 8, 4), _config(64, 64, 128, 4, 5)]
     _gemm8_geglu_tuned = triton.autotune(configs=GEGLU_CONFIGS, key=["M", "N", "K", "OUT_FMT"])(_gemm8_kernel)
+    # Each fixed tile as a one-config autotuner (which times nothing): the launch form that ran
+    # under torch.compile and AOTInductor on the H200.
+    _gemm8_tiled = {fmt: triton.autotune(configs=[tile], key=[])(_gemm8_kernel) for fmt, tile in TILES.items()}
     # the interpreter runs one small tile on the CPU
     INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
@@ -178,11 +182,12 @@ if triton is not None:
 
         if interpreting():
             _gemm8_kernel[grid](*args, **flags, **(tile or INTERPRETER_TILE))
-        elif gate_offset and tile is None:
+        elif tile is not None:  # the sweep, eager
+            _gemm8_kernel[grid](*args, **flags, **tile)
+        elif gate_offset:
             wrap_triton(_gemm8_geglu_tuned)[grid](*args, **flags)
         else:
-            tile = tile or tile_kwargs(TILES["int8" if flags["IS_INT"] else "fp8"])
-            wrap_triton(_gemm8_kernel)[grid](*args, **flags, **tile)
+            wrap_triton(_gemm8_tiled["int8" if flags["IS_INT"] else "fp8"])[grid](*args, **flags)
         return out
 
     @torch.library.triton_op("quantdiff::gemm8", mutates_args=())
