@@ -6,7 +6,7 @@ Every 8-bit path starts from the fp16 activation (its quantization is part of th
 UNet) and is compiled twice: Inductor's default (cuBLASLt GEMM, quantize as its own kernel) and
 max-autotune (Inductor's Triton GEMM templates compete, with the quantize and the dequantize
 fusable into them); the "triton" paths are the torch engine's own kernel (engines/triton_gemm.py,
-autotuned, dequantize in its epilogue). For the GEGLU feed-forward input (rows marked geglu) the
+its fixed tile, dequantize in its epilogue). For the GEGLU feed-forward input (rows marked geglu) the
 8-bit paths end in the FF-out GEMM's 8-bit input: cuBLASLt GEMM then one fused GEGLU+quantize
 kernel, against the Triton kernel doing both in its epilogue. Timing is a CUDA graph of 20 calls,
 so launch overhead does not count. Each output is checked against the plain-PyTorch fake-quant
@@ -103,7 +103,7 @@ def fp16_geglu(y):
 
 def shape_paths(ops, modes, geglu):
     """(name, mode, fn, fmt) for one shape: fp16 once, each cuBLAS(Lt) 8-bit path per compile mode,
-    and the Triton kernel (its own autotuning; Inductor's mode does not change it)."""
+    and the Triton kernel (its own tiles; Inductor's mode does not change it)."""
     grid = {fmt: torch.tensor(g, device=ops["x"].device) for fmt, g in GEGLU_NEXT_GRID.items()}
     if geglu:
         fp16 = lambda x: fp16_geglu(F.linear(x, ops["w16"]))  # noqa: E731
@@ -169,7 +169,8 @@ def sweep_shape(m, k, n, log):
             kwargs = triton_gemm.tile_kwargs(config)
             try:
                 def run():
-                    triton_gemm.launch_kernel(a, p["w"], scale, None, None, out, n, 0, triton_gemm.OUT_FLOAT, -127, kwargs)
+                    triton_gemm.launch_kernel(a, p["w"], scale, None, None, out, n, 0, triton_gemm.OUT_FLOAT,
+                                              -127, kwargs)
                 run()
                 us = time_graph(run)
             except Exception as e:  # e.g. out of shared memory: a config this GPU cannot take

@@ -110,6 +110,7 @@ class Int8Linear(nn.Module):
     """INT8 weight (per-channel) x INT8 activation (per-tensor static) linear, int32 accumulate."""
 
     int8_gemm = "auto"  # the GPU kernel (gemm8.resolve_int8_gemm); set_int8_gemm sets a whole model
+
     def __init__(self, qlinear, where="linear"):
         super().__init__()
         self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
