@@ -90,7 +90,11 @@ def test_kinds_count_the_engines_own_gemm_kernel_once():
                                                              "triton": 0.5}
 
 
-def test_bad_int8_gemm_stops_before_anything(tmp_path):
-    with pytest.raises(ConfigError, match="int8 GEMM 'cutlass' is not one of auto, triton, int_mm"):
-        bench_unet.main(["--int8-gemm", "triton,cutlass", "--out", str(tmp_path / "bench")])
+@pytest.mark.parametrize("argv, message", [
+    (["--int8-gemm", "triton,cutlass"], "int8 GEMM 'cutlass' is not one of auto, triton, int_mm"),
+    (["--conv-patches", "inductor,cudnn"], "conv patches 'cudnn' is not one of inductor, triton"),
+])
+def test_bad_kernel_names_stop_before_anything(tmp_path, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        bench_unet.main([*argv, "--out", str(tmp_path / "bench")])
     assert not (tmp_path / "bench").exists()

@@ -388,17 +388,60 @@ def test_int8_gemm_refusals_and_the_cpu(monkeypatch):
 
 
 def test_int8_engine_build_sets_and_records_its_gemm(tmp_path, monkeypatch, int8_pair):
-    """engine.int8_gemm reaches every int8 module and engine_torch.json; on the CPU the kernel is torch._int_mm."""
+    """engine.int8_gemm and engine.conv_patches reach the 8-bit modules and engine_torch.json; on the
+    CPU the kernels are torch._int_mm and Inductor's patches whatever the setting."""
     monkeypatch.setattr(te.torch._inductor, "aoti_compile_and_package",
                         lambda program, package_path, inductor_configs: Path(package_path).write_bytes(b"package"))
     fake = copy.deepcopy(int8_pair[0])
     info = te.build_torch_engine(fake, "int8", unet_inputs(2, 1), tmp_path / "engine.pt2", dynamic=False,
-                                 log=lambda *_: None, int8_gemm="triton")
+                                 log=lambda *_: None, int8_gemm="triton", conv_patches="triton")
     assert info["int8_gemm"] == {"setting": "triton", "kernel": "int_mm"}
+    assert info["conv_patches"] == {"setting": "triton", "kernel": "inductor"}
     real = copy.deepcopy(int8_pair[1])
     assert qm.set_int8_gemm(real, "int_mm") == len(real_modules(real)) > 0
     assert {m.int8_gemm for _, m in real_modules(real)} == {"int_mm"}
-    with pytest.raises(ConfigError, match="'fast' is not one of"):
-        te.build_torch_engine(copy.deepcopy(int8_pair[0]), "int8", unet_inputs(2, 1), tmp_path / "other.pt2",
-                              dynamic=False, log=lambda *_: None, int8_gemm="fast")
+    for bad in ({"int8_gemm": "fast"}, {"conv_patches": "fast"}):
+        with pytest.raises(ConfigError, match="'fast' is not one of"):
+            te.build_torch_engine(copy.deepcopy(int8_pair[0]), "int8", unet_inputs(2, 1), tmp_path / "other.pt2",
+                                  dynamic=False, log=lambda *_: None, **bad)
     assert not (tmp_path / "other.pt2").exists()
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@torch.no_grad()
+def test_conv_gemm_with_the_triton_patches_is_the_same(precision, int8_pair, fp8_pair, monkeypatch):
+    """engine.conv_patches: triton swaps only who writes the patch matrix (Triton's interpreter on
+    the CPU here, where the setting otherwise resolves to Inductor's view): same output, bit for bit."""
+    from quantdiff.engines import gemm8
+
+    _, real, _ = int8_pair if precision == "int8" else fp8_pair
+    convs = [m for m in real.modules() if isinstance(m, qm.QuantConv2d) and m.gemm_ok]
+    assert qm.set_conv_patches(real, "inductor") == len(convs) + 2  # conv_in and conv_out too
+    resolve = gemm8.resolve_conv_patches
+    monkeypatch.setattr(gemm8, "resolve_conv_patches", lambda choice, device: choice)  # as on a GPU
+    for conv in convs[:1] + [m for m in convs if m.stride == (2, 2)][:1]:
+        x = torch.randn(2, conv.in_channels, 9, 7, generator=torch.Generator().manual_seed(3))
+        conv.use_gemm = True
+        try:
+            expected = conv(x)
+            conv.conv_patches = "triton"
+            out = conv(x)
+        finally:
+            conv.use_gemm, conv.conv_patches = None, "inductor"
+        assert torch.equal(out, expected)
+    assert resolve("triton", "cpu") == "inductor"
+
+
+def test_conv_patches_choice(monkeypatch):
+    from quantdiff.engines import gemm8
+    from quantdiff.errors import MissingBackendError
+
+    assert {gemm8.resolve_conv_patches(c, "cpu") for c in gemm8.CONV_PATCHES_CHOICES} == {"inductor"}
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: True)
+    assert gemm8.resolve_conv_patches("triton", "cuda") == "triton"
+    assert gemm8.resolve_conv_patches("inductor", "cuda") == "inductor"
+    with pytest.raises(ConfigError, match="conv patches 'cuda' is not one of inductor, triton"):
+        gemm8.resolve_conv_patches("cuda", "cpu")
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: False)
+    with pytest.raises(MissingBackendError, match="engine.conv_patches is triton, but the triton package"):
+        gemm8.resolve_conv_patches("triton", "cuda")

@@ -102,35 +102,6 @@ def test_gemm8_reads_only_the_rows_it_uses():
     assert torch.equal(out, tg.gemm8_reference(a, w, scale))
 
 
-COMPILE_FOR_HOPPER = r"""
-import json, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from quantdiff.engines import triton_gemm as tg
-
-fmt, geglu, out_fmt = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
-elt = "i8" if fmt == "int8" else "fp8e4nv"
-out = {0: "fp16", 1: "i8", 2: "fp8e4nv"}[out_fmt]
-types = [f"*{elt}", f"*{elt}", "*fp32", "*fp16", "*fp32", f"*{out}"] + ["i32"] * 7 + ["fp32"]
-names = tg._gemm8_kernel.arg_names
-signature = dict(zip(names, types + ["constexpr"] * (len(names) - len(types))))
-tile = tg.tile_kwargs(tg.TILES[fmt])
-constants = {"IS_INT": fmt == "int8", "HAS_BIAS": True, "GEGLU": geglu, "OUT_FMT": out_fmt,
-             **{k: v for k, v in tile.items() if k.isupper()}}
-# what a launch on the GPU tells the compiler: pointers, sizes and strides divisible by 16
-aligned = [names.index(n) for n in ("a_ptr", "w_ptr", "scale_ptr", "bias_ptr", "grid_ptr", "out_ptr",
-                                    "N", "K", "stride_am", "stride_wn", "stride_om")]
-attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-kernel = triton.compile(ASTSource(fn=tg._gemm8_kernel, signature=signature, constexprs=constants, attrs=attrs),
-                        target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
-ptx = kernel.asm["ptx"]
-print(json.dumps({"wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.[\w.]+", ptx))),
-                  "mma_sync": ptx.count("mma.sync"), "cp_async": ptx.count("cp.async.cg")}))
-"""
-
-
 @pytest.mark.parametrize("fmt,geglu,out_fmt,mma", [("int8", False, tg.OUT_FLOAT, "s32.s8.s8"),
                                                    ("fp8", False, tg.OUT_FLOAT, "f32.e4m3.e4m3"),
                                                    ("int8", True, tg.OUT_INT8, "s32.s8.s8")])
@@ -138,15 +109,18 @@ def test_kernel_compiles_for_hopper_tensor_cores(fmt, geglu, out_fmt, mma):
     # Triton compiles for sm_90 without a GPU: this catches what only its compiler refuses (the
     # interpreter runs any Python) and checks the 8-bit dot becomes Hopper's wgmma, fed by
     # pipelined asynchronous copies, not Ampere's mma.sync.
-    import json
-    import os
-    import subprocess
-    import sys
+    from triton_compile import compile_for_hopper
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER, fmt, str(int(geglu)), str(out_fmt)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ptx = json.loads(done.stdout.strip().splitlines()[-1])
+    elt = "i8" if fmt == "int8" else "fp8e4nv"
+    out = {tg.OUT_FLOAT: "fp16", tg.OUT_INT8: "i8", tg.OUT_FP8: "fp8e4nv"}[out_fmt]
+    tile = tg.tile_kwargs(tg.TILES[fmt])
+    ptx = compile_for_hopper({
+        "module": "quantdiff.engines.triton_gemm", "kernel": "_gemm8_kernel",
+        "types": [f"*{elt}", f"*{elt}", "*fp32", "*fp16", "*fp32", f"*{out}"] + ["i32"] * 7 + ["fp32"],
+        "constexprs": {"IS_INT": fmt == "int8", "HAS_BIAS": True, "GEGLU": geglu, "OUT_FMT": out_fmt,
+                       **{k: v for k, v in tile.items() if k.isupper()}},
+        "aligned": ["a_ptr", "w_ptr", "scale_ptr", "bias_ptr", "grid_ptr", "out_ptr", "N", "K",
+                    "stride_am", "stride_wn", "stride_om"],
+        "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
     assert ptx["wgmma"] and all(op.endswith(mma) for op in ptx["wgmma"]), ptx
     assert ptx["mma_sync"] == 0 and ptx["cp_async"] > 0, ptx

@@ -12,7 +12,9 @@ were converted from (and with fp16). DIR gets unet_bench.json and one profile ta
 """
 import argparse
 import copy
+import itertools
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +103,7 @@ def compiled_step(module, inputs, backend, log=print, inductor=None):
 
 def measure(name, module, inputs, flops, args, log, backend="compile", inductor=None):
     """Compile, time (launched and as a CUDA graph), profile and take the memory of one variant."""
-    tag = name.replace(" ", "_").replace(".", "")
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", name.replace(".", "")).strip("_")  # a plain file name
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     # Variants share diffusers' code objects (ResnetBlock2D.forward ...): without a reset their
@@ -178,8 +180,8 @@ def inductor_setting(text):
 
 def main(argv=None):
     from ..device import describe_device, require_cuda, require_fp8
-    from ..engines.gemm8 import resolve_int8_gemm
-    from ..engines.qmodules import QuantConv2d, convert_to_real_quant, set_int8_gemm
+    from ..engines.gemm8 import resolve_conv_patches, resolve_int8_gemm
+    from ..engines.qmodules import QuantConv2d, convert_to_real_quant, set_conv_patches, set_int8_gemm
     from ..engines.torch import check_inductor_settings, device_layout
     from ..models import arch_unet, unet_example_inputs
     from ..quant.recipe import skip_modelopt_cuda_extensions
@@ -209,11 +211,16 @@ def main(argv=None):
     parser.add_argument("--int8-gemm", default="auto", metavar="KERNEL[,KERNEL]",
                         help="int8 GEMM kernels to time, each as its own int8 variant: auto, triton, int_mm "
                              "(torch._int_mm, cuBLASLt), as engine.int8_gemm")
+    parser.add_argument("--conv-patches", default="inductor", metavar="KERNEL[,KERNEL]",
+                        help="who writes the conv GEMMs' patch matrices, each as its own 8-bit variant: "
+                             "inductor, triton, as engine.conv_patches")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
-    int8_gemms = args.int8_gemm.split(",")
-    for kernel in int8_gemms:
-        resolve_int8_gemm(kernel, "cpu")  # a bad name stops here, before any GPU work
+    int8_gemms, conv_patches = args.int8_gemm.split(","), args.conv_patches.split(",")
+    for kernel in int8_gemms:  # a bad name stops here, before any GPU work
+        resolve_int8_gemm(kernel, "cpu")
+    for kernel in conv_patches:
+        resolve_conv_patches(kernel, "cpu")
     inductor = check_inductor_settings(dict(args.inductor), "--inductor")
     baseline_inductor = check_inductor_settings(dict(args.baseline_inductor), "--baseline-inductor")
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -256,19 +263,22 @@ def main(argv=None):
         counts["conv_as_gemm"] = sum(c.runs_as_gemm(on_gpu=True) for c in convs)
         log(f"{precision}: converted {counts}")
         packaged = " (AOTInductor package)" if args.backend == "aoti" else ""
-        for kernel in int8_gemms if precision == "int8" else [None]:
+        for kernel, patches in itertools.product(int8_gemms if precision == "int8" else [None], conv_patches):
             name = f"torch engine {precision} L{level}{packaged}"
+            kernels = {"conv_patches": resolve_conv_patches(patches, "cuda")}
+            set_conv_patches(real, kernels["conv_patches"])
             if kernel:
-                kernel = resolve_int8_gemm(kernel, "cuda")
-                set_int8_gemm(real, kernel)
-                name += f" ({kernel})"
+                kernels["int8_gemm"] = resolve_int8_gemm(kernel, "cuda")
+                set_int8_gemm(real, kernels["int8_gemm"])
+            if len(int8_gemms) > 1 or len(conv_patches) > 1:
+                name += " (" + ", ".join(f"{k} {v}" for k, v in kernels.items()) + ")"
             row, out, _ = measure(name, real, inputs, flops, args, log, args.backend, inductor)
             rows.append(row | {"counts": counts, "speedup": round(base["ms"] / row["ms"], 3),
                                "memory_vs_fp16": round(row["footprint_mb"] / base["footprint_mb"], 3),
                                "rel_err_vs_fakequant": round(relative_error(fake_out, out), 4),
                                "rel_err_vs_fp16": round(relative_error(reference, out), 4),
                                "fakequant_rel_err_vs_fp16": round(relative_error(reference, fake_out), 4)}
-                        | ({"int8_gemm": kernel} if kernel else {}))
+                        | kernels)
             write_json(Path(args.out) / "unet_bench.json", result)
         del fake, real, fake_out
     if base_graph is not None:  # the baseline again, last: the clock did not drift between variants

@@ -15,6 +15,7 @@ from quantdiff.errors import ConfigError, MissingBackendError
 
 FP8 = torch.float8_e4m3fn
 INT8_GEMM_CHOICES = ("auto", "triton", "int_mm")
+CONV_PATCHES_CHOICES = ("inductor", "triton")
 
 
 def resolve_int8_gemm(choice, device):
@@ -35,6 +36,20 @@ def resolve_int8_gemm(choice, device):
     if choice == "triton" and not triton_gemm.available(device):
         raise MissingBackendError("engine.int8_gemm is triton, but the triton package is not installed (CUDA "
                                   "builds of torch bring it); install it or set engine.int8_gemm: int_mm")
+    return choice
+
+
+def resolve_conv_patches(choice, device):
+    """Who writes a conv-as-GEMM's patch matrix on `device` (`engine.conv_patches`): "inductor"
+    (the unfold view of image_patches, compiled; the CPU always) or "triton" (the copy kernel of
+    engines/triton_patches.py). Inductor stays the default until the kernel is timed in the UNet."""
+    if choice not in CONV_PATCHES_CHOICES:
+        raise ConfigError(f"conv patches {choice!r} is not one of {', '.join(CONV_PATCHES_CHOICES)}")
+    if torch.device(device).type != "cuda":
+        return "inductor"
+    if choice == "triton" and not triton_gemm.available(device):
+        raise MissingBackendError("engine.conv_patches is triton, but the triton package is not installed (CUDA "
+                                  "builds of torch bring it); install it or set engine.conv_patches: inductor")
     return choice
 
 
@@ -188,7 +203,10 @@ def conv2d_as_gemm(conv, x):
     if conv.act.pre_quant_scale is not None:
         x = x * conv.act.pre_quant_scale
     xq = conv.act.quantize(x)
-    patches = image_patches(xq.view(torch.int8), conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    patches_of = image_patches
+    if resolve_conv_patches(conv.conv_patches, x.device) == "triton":
+        from quantdiff.engines.triton_patches import image_patches as patches_of  # (it imports this module)
+    patches = patches_of(xq.view(torch.int8), conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     b, ho, wo, k = patches.shape
     a = patches.reshape(-1, k).view(xq.dtype)
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, k)  # a view when channels_last

@@ -199,6 +199,7 @@ class QuantConv2d(nn.Module):
 
     fast_accum = FP8_FAST_ACCUM
     int8_gemm = "auto"  # as Int8Linear's
+    conv_patches = "inductor"  # who writes the GEMM's patch matrix on the GPU (gemm8.resolve_conv_patches)
 
     def __init__(self, qconv, where="conv"):
         super().__init__()
@@ -455,6 +456,15 @@ def set_int8_gemm(model, kernel):
     for module in modules:
         module.int8_gemm = kernel
     return len(modules)
+
+
+def set_conv_patches(model, kernel):
+    """Every conv of a converted model that runs as a GEMM takes its patches from `kernel`
+    (gemm8.CONV_PATCHES_CHOICES); returns how many convs were set."""
+    convs = [m for m in model.modules() if isinstance(m, QuantConv2d)]
+    for conv in convs:
+        conv.conv_patches = kernel
+    return len(convs)
 
 
 def remaining_modelopt_modules(model):

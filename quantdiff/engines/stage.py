@@ -34,7 +34,8 @@ def run_torch_engine(model_dir, ckpt, settings, out_path, record_path, log=print
     batch, side = opt_shape(profile)  # built and tuned at the profile's opt point, like TensorRT
     example = unet_example_inputs(unet, batch, side * VAE_SCALE_FACTOR, dtype, device)
     info = build_torch_engine(unet, precision, example, out_path, log=log, ranges=sample_ranges(profile),
-                              inductor=settings.get("inductor"), int8_gemm=settings.get("int8_gemm", "auto"))
+                              inductor=settings.get("inductor"), int8_gemm=settings.get("int8_gemm", "auto"),
+                              conv_patches=settings.get("conv_patches", "inductor"))
     record = {"backend": "torch", "precision": precision, "device": describe_device(device),
               "build": info, "profile": {k: list(v) for k, v in profile.items()}, "settings": settings}
     write_json(record_path, record)

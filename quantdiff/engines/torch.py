@@ -325,24 +325,29 @@ def device_layout(unet, device):
 
 
 def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None,
-                       inductor=None, int8_gemm="auto"):
+                       inductor=None, int8_gemm="auto", conv_patches="inductor"):
     """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package.
 
-    `int8_gemm`: the int8 GEMM kernel (gemm8.resolve_int8_gemm), resolved for the model's device.
-    Returns package_engine's info dict plus precision, conversion counts and, for int8, the kernel.
+    `int8_gemm`, `conv_patches`: the GPU kernels of the 8-bit modules (gemm8.resolve_int8_gemm,
+    gemm8.resolve_conv_patches), resolved for the model's device. Returns package_engine's info
+    dict plus precision, conversion counts and, for 8-bit engines, those kernels.
     """
-    from quantdiff.engines.gemm8 import resolve_int8_gemm
-    from quantdiff.engines.qmodules import convert_to_real_quant, set_int8_gemm
+    from quantdiff.engines.gemm8 import resolve_conv_patches, resolve_int8_gemm
+    from quantdiff.engines.qmodules import convert_to_real_quant, set_conv_patches, set_int8_gemm
 
     if precision not in ("fp16", "int8", "fp8"):
         raise ConfigError(f"precision {precision!r} is not one of fp16, int8, fp8")
     counts = {}
-    kernel = None
-    if precision == "int8":  # before conversion: a GEMM that cannot run stops the build before its work
-        kernel = resolve_int8_gemm(int8_gemm, next(unet.parameters()).device)
+    kernel = patches = None
+    device = next(unet.parameters()).device
+    if precision != "fp16":  # before conversion: a kernel that cannot run stops the build before its work
+        patches = resolve_conv_patches(conv_patches, device)
+    if precision == "int8":
+        kernel = resolve_int8_gemm(int8_gemm, device)
     if precision != "fp16":
         unet, counts = convert_to_real_quant(unet)
         log(f"engine: converted {counts}")
+        set_conv_patches(unet, patches)
     if kernel:
         set_int8_gemm(unet, kernel)
         log(f"engine: int8 GEMMs on {kernel} (engine.int8_gemm: {int8_gemm})")
@@ -350,6 +355,8 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges,
                           inductor=inductor)
     info["precision"] = precision
+    if patches:
+        info["conv_patches"] = {"setting": conv_patches, "kernel": patches}
     if kernel:
         info["int8_gemm"] = {"setting": int8_gemm, "kernel": kernel}
         if kernel == "triton":
