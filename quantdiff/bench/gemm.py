@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engines import triton_gemm
-from ..engines.gemm8 import fp8_matmul, int8_dequantize, int8_matmul, int8_out_scale
+from ..engines.gemm8 import fp8_matmul, image_patches, int8_dequantize, int8_matmul, int8_out_scale
 from ..io import write_json
 from ..quant.grids import fp8_scales, int8_scales, quantize_fp8, quantize_int8
 from .timing import capture_cuda_graph, time_calls
@@ -28,6 +28,8 @@ from .timing import capture_cuda_graph, time_calls
 # (tokens, in, out) of SDXL's linears at 1024 px, batch 2: FF in/out and attention at 32x32 and 64x64
 SHAPES = ((2048, 1280, 10240), (2048, 1280, 1280), (2048, 5120, 1280), (8192, 640, 640), (8192, 640, 5120))
 GEGLU_SHAPES = ((2048, 1280, 10240), (8192, 640, 5120))  # the FF-in GEMMs: n = value + gate
+# (channels, side) of SDXL's 3x3 convs that run as GEMMs at 1024 px, batch 2 (stride 1, padding 1)
+CONV_INPUTS = ((640, 64), (1280, 32), (1920, 64), (1280, 64), (2560, 32), (640, 128))
 CALLS_PER_GRAPH = 20
 
 
@@ -182,6 +184,28 @@ def sweep_shape(m, k, n, log):
     return rows
 
 
+def patches_row(channels, side, log):
+    """The int8 patch matrix of a 3x3 conv's input, from fp16 (the quantize included), compiled:
+    Inductor's kernel for the unfold view against the Triton copy kernel; same bytes required."""
+    from ..engines import triton_patches
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, channels, side, side, generator=g, device="cuda").half()
+    x = x.contiguous(memory_format=torch.channels_last)
+    to_grid = torch.tensor(127 / 4.0, device="cuda")
+    geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
+    outs, row = {}, {"input": [2, channels, side, side], "patch_mb": round(2 * side * side * 9 * channels / 2**20, 1)}
+    for name, patches_of in (("inductor", image_patches), ("triton", triton_patches.image_patches)):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x: patches_of(quantize_int8(x, to_grid), *geometry))
+        with torch.no_grad():
+            outs[name] = compiled(x).reshape(-1, 9 * channels)
+            row[f"{name}_us"] = round(time_graph(lambda: compiled(x)), 2)
+    row["same_bytes"] = bool(torch.equal(outs["inductor"], outs["triton"]))
+    log(json.dumps(row))
+    return row
+
+
 def main(argv=None):
     from ..device import describe_device, require_cuda
 
@@ -190,12 +214,19 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new shape after this")
     parser.add_argument("--sweep", action="store_true",
                         help="instead: time the Triton kernel alone for every tile in triton_gemm.SWEEP_CONFIGS")
+    parser.add_argument("--patches", action="store_true",
+                        help="instead: time the conv GEMMs' patch matrices, Inductor's kernel against the Triton one")
     parser.add_argument("--out", default="gemm_bench.json")
     args = parser.parse_args(argv)
     require_cuda("GEMM benchmark")
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     began = time.time()
     result = {"device": describe_device("cuda"), "torch": torch.__version__, "rows": []}
+    if args.patches:
+        for channels, side in CONV_INPUTS:
+            result["rows"].append(patches_row(channels, side, log))
+            write_json(args.out, result)
+        return result
     if args.sweep:
         for m, k, n in SHAPES:
             result["rows"] += sweep_shape(m, k, n, log)
