@@ -99,8 +99,9 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         m_ok, n_ok = rm < M, rn < N
         # w is (rows, k) row-major, read as (k, n) tiles: both operands k-major, as Hopper's 8-bit MMA wants
-        a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
-        w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]
+        # row offsets in int64: an SDXL conv's patch matrix passes 2**31 bytes at 2048 px and batch 8
+        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
+        w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None]
         g_ptrs = w_ptrs + gate_offset * stride_wn
         # (masked-off elements load as 0; int8 sums in int32, fp8 ones in float32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
@@ -132,7 +133,7 @@ if triton is not None:
         elif OUT_FMT == 2:
             y = tl.clamp(y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :], -448.0, 448.0)
         out = y.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
     def _config(m, n, k, warps, stages, group=8):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group},

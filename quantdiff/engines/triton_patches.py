@@ -31,9 +31,10 @@ if triton is not None:
         wi = (rest % WO) * SW - PW + j * DW
         inside = (p < n_pix) & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         c_ok = c < C
-        src = x_ptr + (b * stride_xb + hi * stride_xh + wi * stride_xw)[:, None] + c[None, :]
+        # offsets in int64: a patch matrix passes 2**31 bytes at 2048 px and batch 8
+        src = x_ptr + (b.to(tl.int64) * stride_xb + hi * stride_xh + wi * stride_xw)[:, None] + c[None, :]
         values = tl.load(src, mask=inside[:, None] & c_ok[None, :], other=0)
-        dst = out_ptr + (p * stride_op)[:, None] + (tap * C + c)[None, :]
+        dst = out_ptr + (p.to(tl.int64) * stride_op)[:, None] + (tap * C + c)[None, :]
         tl.store(dst, values, mask=(p < n_pix)[:, None] & c_ok[None, :])
 
     TILE = {"BLOCK_P": 32, "BLOCK_C": 128}
