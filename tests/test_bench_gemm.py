@@ -58,6 +58,26 @@ def test_sweep_configs_are_distinct_and_include_the_chosen_tiles():
 
     tiles = [tuple(sorted(tg.tile_kwargs(c).items())) for c in tg.SWEEP_CONFIGS]
     assert len(set(tiles)) == len(tiles) == 18
+    geglu = [tuple(sorted(tg.tile_kwargs(c).items())) for c in tg.GEGLU_SWEEP_CONFIGS]
+    assert len(set(geglu)) == len(geglu) == 9
     assert tg.tile_kwargs(tg.TILES["int8"]) == {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
                                                   "num_warps": 4, "num_stages": 5}
     assert all(tile in tg.SWEEP_CONFIGS for tile in tg.TILES.values())
+
+
+def test_sweep_runs_every_tile_and_form(monkeypatch):
+    # on the CPU in Triton's interpreter, with the clock stubbed: the GPU sweep's calls are well formed
+    from quantdiff.engines import triton_gemm as tg
+
+    operands = gemm.gemm_operands
+    monkeypatch.setattr(gemm, "gemm_operands", lambda m, k, n: operands(m, k, n, device="cpu"))
+    monkeypatch.setattr(gemm, "time_graph", lambda fn: fn() or 1.0)
+    monkeypatch.setattr(gemm, "GEGLU_SHAPES", ((24, 64, 64),))
+    monkeypatch.setattr(tg, "SWEEP_CONFIGS", tg.SWEEP_CONFIGS[:2])
+    monkeypatch.setattr(tg, "GEGLU_SWEEP_CONFIGS", tg.GEGLU_SWEEP_CONFIGS[:1])
+    logged = []
+    rows = gemm.sweep_shape(24, 64, 64, logged.append)
+    assert all(line.startswith("{") for line in logged), logged  # no config failed
+    assert [(r["path"], r["config"]["BLOCK_K"]) for r in rows] == [
+        ("int8 triton", 64), ("int8 triton", 64), ("int8 triton geglu", 128),
+        ("fp8 triton", 64), ("fp8 triton", 64), ("fp8 triton geglu", 128)]

@@ -13,6 +13,7 @@ so launch overhead does not count. Each output is checked against the plain-PyTo
 GEMM (float32 on the dequantized values).
 """
 import argparse
+import itertools
 import json
 import time
 
@@ -159,27 +160,36 @@ def measure_shape(m, k, n, modes, log, geglu=False):
 
 
 def sweep_shape(m, k, n, log):
-    """Microseconds of the Triton kernel alone (8-bit input, fp16 output) per tile config."""
+    """Microseconds of the Triton kernel alone (8-bit input) per tile config: fp16 output, and for
+    the FF-in shapes also the GEGLU form (8-bit output for the FF-out GEMM)."""
     ops = gemm_operands(m, k, n)
     rows = []
-    for fmt in ("int8", "fp8"):
+    forms = [(False, triton_gemm.SWEEP_CONFIGS)] + ([(True, triton_gemm.GEGLU_SWEEP_CONFIGS)]
+                                                    if (m, k, n) in GEGLU_SHAPES else [])
+    for fmt, (geglu, configs) in itertools.product(("int8", "fp8"), forms):
         p = ops[fmt]
         a = (quantize_fp8 if fmt == "fp8" else quantize_int8)(ops["x"], p["to_grid"])
         scale = (p["back"] * p["w_back"] if fmt == "fp8" else p["out_scale"]).float().expand(n).contiguous()
-        out = torch.empty(m, n, device=a.device, dtype=torch.float16)
-        for config in triton_gemm.SWEEP_CONFIGS:
+        cols = n // 2 if geglu else n
+        out_fmt = {(False, fmt): triton_gemm.OUT_FLOAT, (True, "fp8"): triton_gemm.OUT_FP8,
+                   (True, "int8"): triton_gemm.OUT_INT8}[(geglu, fmt)]
+        out = torch.empty(m, cols, device=a.device, dtype={triton_gemm.OUT_FLOAT: torch.float16,
+                                                           triton_gemm.OUT_FP8: torch.float8_e4m3fn,
+                                                           triton_gemm.OUT_INT8: torch.int8}[out_fmt])
+        next_grid = torch.full((cols,), GEGLU_NEXT_GRID[fmt], device=a.device)
+        for config in configs:
             kwargs = triton_gemm.tile_kwargs(config)
             try:
                 def run():
-                    triton_gemm.launch_kernel(a, p["w"], scale, None, None, out, n, 0, triton_gemm.OUT_FLOAT,
-                                              -127, kwargs)
+                    triton_gemm.launch_kernel(a, p["w"], scale, None, next_grid, out, cols, cols if geglu else 0,
+                                              out_fmt, -127, kwargs)
                 run()
                 us = time_graph(run)
             except Exception as e:  # e.g. out of shared memory: a config this GPU cannot take
                 log(f"{m}x{k}x{n} {fmt} {kwargs}: {type(e).__name__}: {str(e)[:120]}")
                 continue
-            rows.append({"shape": [m, k, n], "path": f"{fmt} triton", "config": kwargs, "us": round(us, 2),
-                         "tflops": round(2 * m * k * n / us / 1e6, 1)})
+            rows.append({"shape": [m, k, n], "path": f"{fmt} triton" + (" geglu" if geglu else ""), "config": kwargs,
+                         "us": round(us, 2), "tflops": round(2 * m * k * n / us / 1e6, 1)})
             log(json.dumps(rows[-1]))
     return rows
 

@@ -161,6 +161,8 @@ if triton is not None:
     # so it is autotuned over a few and used by the GEMM bench only.
     GEGLU_CONFIGS = [_config(128, 128, 128, 8, 3), _config(128, 64, 128, 4, 4), _config(64, 128, 128, 4, 4),
                      _config(128, 128, 64, 8, 4), _config(64, 64, 128, 4, 5)]
+    GEGLU_SWEEP_CONFIGS = GEGLU_CONFIGS + [_config(128, 128, 64, 8, 5), _config(64, 128, 64, 4, 5),
+                                           _config(128, 64, 64, 4, 5), _config(128, 128, 64, 4, 4)]
     _gemm8_geglu_tuned = triton.autotune(configs=GEGLU_CONFIGS, key=["M", "N", "K", "OUT_FMT"])(_gemm8_kernel)
     # Each fixed tile as a one-config autotuner (which times nothing): the launch form that ran
     # under torch.compile and AOTInductor on the H200.
