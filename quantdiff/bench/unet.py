@@ -181,8 +181,8 @@ def inductor_setting(text):
 
 def main(argv=None):
     from ..device import describe_device, require_cuda, require_fp8
-    from ..engines.gemm8 import resolve_conv_patches, resolve_int8_gemm
-    from ..engines.qmodules import QuantConv2d, convert_to_real_quant, set_conv_patches, set_int8_gemm
+    from ..engines.gemm8 import resolve_conv_patches, resolve_int8_gemm, resolve_kernels
+    from ..engines.qmodules import QuantConv2d, apply_kernels, convert_to_real_quant
     from ..engines.torch import check_inductor_settings, device_layout
     from ..models import arch_unet, unet_example_inputs
     from ..quant.recipe import skip_modelopt_cuda_extensions
@@ -266,11 +266,8 @@ def main(argv=None):
         packaged = " (AOTInductor package)" if args.backend == "aoti" else ""
         for kernel, patches in itertools.product(int8_gemms if precision == "int8" else [None], conv_patches):
             name = f"torch engine {precision} L{level}{packaged}"
-            kernels = {"conv_patches": resolve_conv_patches(patches, "cuda")}
-            set_conv_patches(real, kernels["conv_patches"])
-            if kernel:
-                kernels["int8_gemm"] = resolve_int8_gemm(kernel, "cuda")
-                set_int8_gemm(real, kernels["int8_gemm"])
+            kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches)
+            apply_kernels(real, kernels)
             if len(int8_gemms) > 1 or len(conv_patches) > 1:
                 name += " (" + ", ".join(f"{k} {v}" for k, v in kernels.items()) + ")"
             row, out, _ = measure(name, real, inputs, flops, args, log, args.backend, inductor)

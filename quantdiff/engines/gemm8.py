@@ -53,6 +53,15 @@ def resolve_conv_patches(choice, device):
     return choice
 
 
+def resolve_kernels(precision, device, int8_gemm="auto", conv_patches="inductor"):
+    """The GPU kernels an 8-bit model of `precision` runs on `device`, resolved from their settings:
+    {"conv_patches": ..., and for int8 "int8_gemm": ...}. Raises before any work for one that cannot run."""
+    kernels = {"conv_patches": resolve_conv_patches(conv_patches, device)}
+    if precision == "int8":
+        kernels["int8_gemm"] = resolve_int8_gemm(int8_gemm, device)
+    return kernels
+
+
 def _known_multiple(n, multiple):
     """True when n is a plain int (static shapes) and a multiple; symbolic sizes are never known."""
     return isinstance(n, int) and n % multiple == 0

@@ -467,6 +467,14 @@ def set_conv_patches(model, kernel):
     return len(convs)
 
 
+def apply_kernels(model, kernels):
+    """Put resolved kernels (gemm8.resolve_kernels) on every 8-bit module of a converted model."""
+    if "conv_patches" in kernels:
+        set_conv_patches(model, kernels["conv_patches"])
+    if "int8_gemm" in kernels:
+        set_int8_gemm(model, kernels["int8_gemm"])
+
+
 def remaining_modelopt_modules(model):
     """Names of ModelOpt modules still in `model` (none after convert_to_real_quant)."""
     return [name for name, m in model.named_modules() if type(m).__module__.startswith("modelopt.")]

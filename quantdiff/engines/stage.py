@@ -33,9 +33,10 @@ def run_torch_engine(model_dir, ckpt, settings, out_path, record_path, log=print
     unet = unet.to(device=device, dtype=dtype).eval()
     batch, side = opt_shape(profile)  # built and tuned at the profile's opt point, like TensorRT
     example = unet_example_inputs(unet, batch, side * VAE_SCALE_FACTOR, dtype, device)
+    # (the kernel settings are in `settings` only for the precisions they concern)
+    kernels = {k: settings[k] for k in ("int8_gemm", "conv_patches") if k in settings}
     info = build_torch_engine(unet, precision, example, out_path, log=log, ranges=sample_ranges(profile),
-                              inductor=settings.get("inductor"), int8_gemm=settings.get("int8_gemm", "auto"),
-                              conv_patches=settings.get("conv_patches", "inductor"))
+                              inductor=settings.get("inductor"), **kernels)
     record = {"backend": "torch", "precision": precision, "device": describe_device(device),
               "build": info, "profile": {k: list(v) for k, v in profile.items()}, "settings": settings}
     write_json(record_path, record)

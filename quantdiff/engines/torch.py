@@ -328,39 +328,31 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
                        inductor=None, int8_gemm="auto", conv_patches="inductor"):
     """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package.
 
-    `int8_gemm`, `conv_patches`: the GPU kernels of the 8-bit modules (gemm8.resolve_int8_gemm,
-    gemm8.resolve_conv_patches), resolved for the model's device. Returns package_engine's info
-    dict plus precision, conversion counts and, for 8-bit engines, those kernels.
+    `int8_gemm`, `conv_patches`: the settings of the 8-bit modules' GPU kernels, resolved for the
+    model's device (gemm8.resolve_kernels). Returns package_engine's info dict plus precision,
+    conversion counts and, for 8-bit engines, those kernels.
     """
-    from quantdiff.engines.gemm8 import resolve_conv_patches, resolve_int8_gemm
-    from quantdiff.engines.qmodules import convert_to_real_quant, set_conv_patches, set_int8_gemm
+    from quantdiff.engines.gemm8 import resolve_kernels
+    from quantdiff.engines.qmodules import apply_kernels, convert_to_real_quant
 
     if precision not in ("fp16", "int8", "fp8"):
         raise ConfigError(f"precision {precision!r} is not one of fp16, int8, fp8")
-    counts = {}
-    kernel = patches = None
-    device = next(unet.parameters()).device
-    if precision != "fp16":  # before conversion: a kernel that cannot run stops the build before its work
-        patches = resolve_conv_patches(conv_patches, device)
-    if precision == "int8":
-        kernel = resolve_int8_gemm(int8_gemm, device)
+    counts, kernels = {}, {}
     if precision != "fp16":
+        # resolved before conversion: a kernel that cannot run stops the build before its work
+        kernels = resolve_kernels(precision, next(unet.parameters()).device, int8_gemm, conv_patches)
         unet, counts = convert_to_real_quant(unet)
-        log(f"engine: converted {counts}")
-        set_conv_patches(unet, patches)
-    if kernel:
-        set_int8_gemm(unet, kernel)
-        log(f"engine: int8 GEMMs on {kernel} (engine.int8_gemm: {int8_gemm})")
+        log(f"engine: converted {counts}; kernels {kernels}")
+        apply_kernels(unet, kernels)
     unet = device_layout(unet, next(unet.parameters()).device)  # after conversion, which makes new modules
     info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges,
                           inductor=inductor)
     info["precision"] = precision
-    if patches:
-        info["conv_patches"] = {"setting": conv_patches, "kernel": patches}
-    if kernel:
-        info["int8_gemm"] = {"setting": int8_gemm, "kernel": kernel}
-        if kernel == "triton":
-            from quantdiff.engines.triton_gemm import TILES, tile_kwargs
+    settings = {"int8_gemm": int8_gemm, "conv_patches": conv_patches}
+    for name, kernel in kernels.items():
+        info[name] = {"setting": settings[name], "kernel": kernel}
+    if kernels.get("int8_gemm") == "triton":
+        from quantdiff.engines.triton_gemm import TILES, tile_kwargs
 
-            info["int8_gemm"]["tile"] = tile_kwargs(TILES["int8"])
+        info["int8_gemm"]["tile"] = tile_kwargs(TILES["int8"])
     return info
