@@ -55,7 +55,7 @@ def test_alpha_auto_is_valid(config):
     (lambda c: c["calibration"].update(alpha=1.5), "config key 'calibration.alpha'"),
     (lambda c: c["export"].update(ort_check="sometimes"), "config key 'export.ort_check': 'sometimes' is not one of"),
     (lambda c: c["engine"].update(int8_gemm="cutlass"), "config key 'engine.int8_gemm': 'cutlass' is not one of ['auto', 'triton', 'int_mm']"),
-    (lambda c: c["engine"].update(conv_patches="cudnn"), "config key 'engine.conv_patches': 'cudnn' is not one of ['inductor', 'triton']"),
+    (lambda c: c["engine"].update(conv_patches="cudnn"), "config key 'engine.conv_patches': 'cudnn' is not one of ['auto', 'triton', 'inductor']"),
     (lambda c: c["engine"].update(inductor={"max_autotun": True}),
      "config key 'engine.inductor.max_autotun': not a torch._inductor.config setting (torch "),
     (lambda c: c["engine"].update(inductor={"max_autotun": True}), "did you mean 'max_autotune'?"),
@@ -108,7 +108,7 @@ def test_int8_gemm_setting_reaches_only_int8_torch_engines(config):
     assert "int8_gemm" not in engine_settings(validated, "xl-turbo", "fp8")
     assert "int8_gemm" not in engine_settings(validated, "xl-turbo", "int8", "tensorrt")
     # the conv patches' kernel matters to 8-bit torch engines only
-    assert engine_settings(validated, "tiny-xl", "fp8")["conv_patches"] == "inductor"
+    assert engine_settings(validated, "tiny-xl", "fp8")["conv_patches"] == "auto"
     assert "conv_patches" not in engine_settings(validated, "tiny-xl", "fp16")
 
 

@@ -429,6 +429,7 @@ def test_conv_gemm_with_the_triton_patches_is_the_same(precision, int8_pair, fp8
         finally:
             conv.use_gemm, conv.conv_patches = None, "inductor"
         assert torch.equal(out, expected)
+    qm.set_conv_patches(real, "auto")  # the fixture's setting, as built
     assert resolve("triton", "cpu") == "inductor"
 
 
@@ -440,8 +441,10 @@ def test_conv_patches_choice(monkeypatch):
     monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: True)
     assert gemm8.resolve_conv_patches("triton", "cuda") == "triton"
     assert gemm8.resolve_conv_patches("inductor", "cuda") == "inductor"
-    with pytest.raises(ConfigError, match="conv patches 'cuda' is not one of inductor, triton"):
+    assert gemm8.resolve_conv_patches("auto", "cuda") == "triton"
+    with pytest.raises(ConfigError, match="conv patches 'cuda' is not one of auto, triton, inductor"):
         gemm8.resolve_conv_patches("cuda", "cpu")
     monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: False)
     with pytest.raises(MissingBackendError, match="engine.conv_patches is triton, but the triton package"):
         gemm8.resolve_conv_patches("triton", "cuda")
+    assert gemm8.resolve_conv_patches("auto", "cuda") == "inductor"  # the default never fails for want of triton

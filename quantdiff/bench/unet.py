@@ -212,9 +212,9 @@ def main(argv=None):
     parser.add_argument("--int8-gemm", default="auto", metavar="KERNEL[,KERNEL]",
                         help="int8 GEMM kernels to time, each as its own int8 variant: auto, triton, int_mm "
                              "(torch._int_mm, cuBLASLt), as engine.int8_gemm")
-    parser.add_argument("--conv-patches", default="inductor", metavar="KERNEL[,KERNEL]",
+    parser.add_argument("--conv-patches", default="auto", metavar="KERNEL[,KERNEL]",
                         help="who writes the conv GEMMs' patch matrices, each as its own 8-bit variant: "
-                             "inductor, triton, as engine.conv_patches")
+                             "auto, triton, inductor, as engine.conv_patches")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
     int8_gemms, conv_patches = args.int8_gemm.split(","), args.conv_patches.split(",")

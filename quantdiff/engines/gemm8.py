@@ -15,7 +15,7 @@ from quantdiff.errors import ConfigError, MissingBackendError
 
 FP8 = torch.float8_e4m3fn
 INT8_GEMM_CHOICES = ("auto", "triton", "int_mm")
-CONV_PATCHES_CHOICES = ("inductor", "triton")
+CONV_PATCHES_CHOICES = ("auto", "triton", "inductor")
 
 
 def resolve_int8_gemm(choice, device):
@@ -42,18 +42,23 @@ def resolve_int8_gemm(choice, device):
 def resolve_conv_patches(choice, device):
     """Who writes a conv-as-GEMM's patch matrix on `device` (`engine.conv_patches`): "inductor"
     (the unfold view of image_patches, compiled; the CPU always) or "triton" (the copy kernel of
-    engines/triton_patches.py). Inductor stays the default until the kernel is timed in the UNet."""
+    engines/triton_patches.py). "auto" is Triton wherever it can run: on an H200 it wrote every
+    SDXL conv input's patches in 0.49-0.57 of the time of Inductor's kernel, and took the UNet step
+    from 28.74 to 26.03 ms (fp8) and 35.06 to 32.48 ms (int8) (docs/PERF.md). The copy has nothing
+    specific to Hopper, so older GPUs take it too (not measured there)."""
     if choice not in CONV_PATCHES_CHOICES:
         raise ConfigError(f"conv patches {choice!r} is not one of {', '.join(CONV_PATCHES_CHOICES)}")
     if torch.device(device).type != "cuda":
         return "inductor"
+    if choice == "auto":
+        return "triton" if triton_gemm.available(device) else "inductor"
     if choice == "triton" and not triton_gemm.available(device):
         raise MissingBackendError("engine.conv_patches is triton, but the triton package is not installed (CUDA "
                                   "builds of torch bring it); install it or set engine.conv_patches: inductor")
     return choice
 
 
-def resolve_kernels(precision, device, int8_gemm="auto", conv_patches="inductor"):
+def resolve_kernels(precision, device, int8_gemm="auto", conv_patches="auto"):
     """The GPU kernels an 8-bit model of `precision` runs on `device`, resolved from their settings:
     {"conv_patches": ..., and for int8 "int8_gemm": ...}. Raises before any work for one that cannot run."""
     kernels = {"conv_patches": resolve_conv_patches(conv_patches, device)}

@@ -199,7 +199,7 @@ class QuantConv2d(nn.Module):
 
     fast_accum = FP8_FAST_ACCUM
     int8_gemm = "auto"  # as Int8Linear's
-    conv_patches = "inductor"  # who writes the GEMM's patch matrix on the GPU (gemm8.resolve_conv_patches)
+    conv_patches = "auto"  # who writes the GEMM's patch matrix on the GPU (gemm8.resolve_conv_patches)
 
     def __init__(self, qconv, where="conv"):
         super().__init__()
