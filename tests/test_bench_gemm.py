@@ -63,6 +63,18 @@ def test_sweep_configs_are_distinct_and_include_the_chosen_tiles():
     assert tg.tile_kwargs(tg.TILES["int8"]) == {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
                                                   "num_warps": 4, "num_stages": 5}
     assert all(tile in tg.SWEEP_CONFIGS for tile in tg.TILES.values())
+    small = [tuple(sorted(tg.tile_kwargs(c).items())) for c in tg.SMALL_M_SWEEP_CONFIGS]
+    assert len(set(small)) == len(small) == 8
+    assert all(tile in tg.SMALL_M_SWEEP_CONFIGS for tile in tg.SMALL_M_TILES.values())
+
+
+def test_shapes_option():
+    assert gemm.shape_list("2048x1280x1280,154x2048x640") == ((2048, 1280, 1280), (154, 2048, 640))
+    for bad in ("2048x1280", "2048x0x5", "big", ""):
+        with pytest.raises(Exception, match="want MxKxN"):
+            gemm.shape_list(bad)
+    with pytest.raises(SystemExit):  # argparse reports it and exits before any GPU work
+        gemm.main(["--shapes", "12x12"])
 
 
 def test_sweep_runs_every_tile_and_form(monkeypatch):
@@ -75,9 +87,12 @@ def test_sweep_runs_every_tile_and_form(monkeypatch):
     monkeypatch.setattr(gemm, "GEGLU_SHAPES", ((24, 64, 64),))
     monkeypatch.setattr(tg, "SWEEP_CONFIGS", tg.SWEEP_CONFIGS[:2])
     monkeypatch.setattr(tg, "GEGLU_SWEEP_CONFIGS", tg.GEGLU_SWEEP_CONFIGS[:1])
+    monkeypatch.setattr(tg, "SMALL_M_SWEEP_CONFIGS", tg.SMALL_M_SWEEP_CONFIGS[:1])
+    monkeypatch.setattr(tg, "SMALL_M_ROWS", 16)
     logged = []
-    rows = gemm.sweep_shape(24, 64, 64, logged.append)
+    rows = gemm.sweep_shape(24, 64, 64, logged.append) + gemm.sweep_shape(8, 64, 32, logged.append)
     assert all(line.startswith("{") for line in logged), logged  # no config failed
-    assert [(r["path"], r["config"]["BLOCK_K"]) for r in rows] == [
-        ("int8 triton", 64), ("int8 triton", 64), ("int8 triton geglu", 128),
-        ("fp8 triton", 64), ("fp8 triton", 64), ("fp8 triton geglu", 128)]
+    assert [(r["shape"][0], r["path"], r["config"]["BLOCK_K"]) for r in rows] == [
+        (24, "int8 triton", 64), (24, "int8 triton", 64), (24, "int8 triton geglu", 128),
+        (24, "fp8 triton", 64), (24, "fp8 triton", 64), (24, "fp8 triton geglu", 128),
+        (8, "int8 triton", 128), (8, "fp8 triton", 128)]  # the few-row shape: its own tiles

@@ -99,3 +99,10 @@ def test_bad_kernel_names_stop_before_anything(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=message):
         bench_unet.main([*argv, "--out", str(tmp_path / "bench")])
     assert not (tmp_path / "bench").exists()
+
+
+def test_bad_conv_mode_stops_before_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_unet.main(["--conv", "auto,winograd", "--out", str(tmp_path / "bench")])
+    assert "--conv 'auto,winograd': each mode is one of auto, gemm, float" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()

@@ -34,6 +34,33 @@ def test_gemm8_float_output_matches_reference_on_ragged_shapes(fmt):
     assert torch.allclose(ref.float(), dequant, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_small_m_tile_runs_a_few_row_gemm(fmt):
+    # the few-row tile itself (64 x 32 x 128) on a ragged shape: rows past m, columns past n and
+    # the k tail are masked
+    tile = tg.tile_kwargs(tg.SMALL_M_TILES[fmt])
+    assert (tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]) == (64, 32, 128)
+    a, w, scale = operands(fmt, 77, 200, 40, seed=4)
+    out = torch.empty(77, 40, dtype=torch.float16)
+    per_column = scale.float().expand(40).contiguous()  # what gemm8 hands the kernel
+    tg.launch_kernel(a, w, per_column, None, None, out, 40, 0, tg.OUT_FLOAT, -127, tile)
+    ref = tg.gemm8_reference(a, w, scale)
+    assert torch.equal(out, ref) if fmt == "int8" else torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_tile_by_rows():
+    # few rows take the small tile; a symbolic row count (dynamic batch) never does: choosing by
+    # it would guard the batch
+    assert tg.tile_for("int8", 154) is tg.SMALL_M_TILES["int8"]
+    assert tg.tile_for("int8", tg.SMALL_M_ROWS) is tg.SMALL_M_TILES["int8"]
+    assert tg.tile_for("int8", tg.SMALL_M_ROWS + 1) is tg.TILES["int8"]
+    assert tg.tile_for("fp8", 2048) is tg.TILES["fp8"]
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    rows = ShapeEnv().create_unbacked_symint()
+    assert not tg.small_m(rows) and tg.tile_for("int8", rows) is tg.TILES["int8"]
+
+
 def geglu_case(fmt, out_fmt, hidden=40):
     a, w, scale = operands(fmt, 33, 64, 2 * hidden, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -102,10 +129,11 @@ def test_gemm8_reads_only_the_rows_it_uses():
     assert torch.equal(out, tg.gemm8_reference(a, w, scale))
 
 
-@pytest.mark.parametrize("fmt,geglu,out_fmt,mma", [("int8", False, tg.OUT_FLOAT, "s32.s8.s8"),
-                                                   ("fp8", False, tg.OUT_FLOAT, "f32.e4m3.e4m3"),
-                                                   ("int8", True, tg.OUT_INT8, "s32.s8.s8")])
-def test_kernel_compiles_for_hopper_tensor_cores(fmt, geglu, out_fmt, mma):
+@pytest.mark.parametrize("fmt,geglu,out_fmt,mma,tiles", [("int8", False, tg.OUT_FLOAT, "s32.s8.s8", tg.TILES),
+                                                         ("fp8", False, tg.OUT_FLOAT, "f32.e4m3.e4m3", tg.TILES),
+                                                         ("int8", True, tg.OUT_INT8, "s32.s8.s8", tg.TILES),
+                                                         ("int8", False, tg.OUT_FLOAT, "s32.s8.s8", tg.SMALL_M_TILES)])
+def test_kernel_compiles_for_hopper_tensor_cores(fmt, geglu, out_fmt, mma, tiles):
     # Triton compiles for sm_90 without a GPU: this catches what only its compiler refuses (the
     # interpreter runs any Python) and checks the 8-bit dot becomes Hopper's wgmma, fed by
     # pipelined asynchronous copies, not Ampere's mma.sync.
@@ -113,7 +141,7 @@ def test_kernel_compiles_for_hopper_tensor_cores(fmt, geglu, out_fmt, mma):
 
     elt = "i8" if fmt == "int8" else "fp8e4nv"
     out = {tg.OUT_FLOAT: "fp16", tg.OUT_INT8: "i8", tg.OUT_FP8: "fp8e4nv"}[out_fmt]
-    tile = tg.tile_kwargs(tg.TILES[fmt])
+    tile = tg.tile_kwargs(tiles[fmt])
     ptx = compile_for_hopper({
         "module": "quantdiff.engines.triton_gemm", "kernel": "_gemm8_kernel",
         "types": [f"*{elt}", f"*{elt}", "*fp32", "*fp16", "*fp32", f"*{out}"] + ["i32"] * 7 + ["fp32"],

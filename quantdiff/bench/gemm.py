@@ -28,6 +28,8 @@ from .timing import capture_cuda_graph, time_calls
 
 # (tokens, in, out) of SDXL's linears at 1024 px, batch 2: FF in/out and attention at 32x32 and 64x64
 SHAPES = ((2048, 1280, 10240), (2048, 1280, 1280), (2048, 5120, 1280), (8192, 640, 640), (8192, 640, 5120))
+# the cross-attention k/v projections of the text (77 tokens, batch 2): few rows, Triton's small-M tile
+SMALL_M_SHAPES = ((154, 2048, 1280), (154, 2048, 640))
 GEGLU_SHAPES = ((2048, 1280, 10240), (8192, 640, 5120))  # the FF-in GEMMs: n = value + gate
 # (channels, side) of SDXL's 3x3 convs that run as GEMMs at 1024 px, batch 2 (stride 1, padding 1)
 CONV_INPUTS = ((640, 64), (1280, 32), (1920, 64), (1280, 64), (2560, 32), (640, 128))
@@ -164,8 +166,8 @@ def sweep_shape(m, k, n, log):
     the FF-in shapes also the GEGLU form (8-bit output for the FF-out GEMM)."""
     ops = gemm_operands(m, k, n)
     rows = []
-    forms = [(False, triton_gemm.SWEEP_CONFIGS)] + ([(True, triton_gemm.GEGLU_SWEEP_CONFIGS)]
-                                                    if (m, k, n) in GEGLU_SHAPES else [])
+    tiles = triton_gemm.SMALL_M_SWEEP_CONFIGS if triton_gemm.small_m(m) else triton_gemm.SWEEP_CONFIGS
+    forms = [(False, tiles)] + ([(True, triton_gemm.GEGLU_SWEEP_CONFIGS)] if (m, k, n) in GEGLU_SHAPES else [])
     for fmt, (geglu, configs) in itertools.product(("int8", "fp8"), forms):
         p = ops[fmt]
         a = (quantize_fp8 if fmt == "fp8" else quantize_int8)(ops["x"], p["to_grid"])
@@ -216,6 +218,17 @@ def patches_row(channels, side, log):
     return row
 
 
+def shape_list(text):
+    """"2048x1280x1280,154x2048x640" -> ((2048, 1280, 1280), (154, 2048, 640))"""
+    try:
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in text.split(","))
+    except ValueError:
+        shapes = ()
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: want MxKxN[,MxKxN...] with positive sizes")
+    return shapes
+
+
 def main(argv=None):
     from ..device import describe_device, require_cuda
 
@@ -226,6 +239,8 @@ def main(argv=None):
                         help="instead: time the Triton kernel alone for every tile in triton_gemm.SWEEP_CONFIGS")
     parser.add_argument("--patches", action="store_true",
                         help="instead: time the conv GEMMs' patch matrices, Inductor's kernel against the Triton one")
+    parser.add_argument("--shapes", type=shape_list, default=SHAPES + SMALL_M_SHAPES, metavar="MxKxN[,MxKxN]",
+                        help="the GEMM shapes to time (default: SDXL's, SHAPES and SMALL_M_SHAPES)")
     parser.add_argument("--out", default="gemm_bench.json")
     args = parser.parse_args(argv)
     require_cuda("GEMM benchmark")
@@ -238,11 +253,11 @@ def main(argv=None):
             write_json(args.out, result)
         return result
     if args.sweep:
-        for m, k, n in SHAPES:
+        for m, k, n in args.shapes:
             result["rows"] += sweep_shape(m, k, n, log)
             write_json(args.out, result)
         return result
-    for m, k, n in SHAPES:
+    for m, k, n in args.shapes:
         if time.time() - began > args.budget_s:
             log(f"{m}x{k}x{n}: skipped by the budget")
             continue

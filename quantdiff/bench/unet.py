@@ -30,6 +30,8 @@ OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "ate
 # GPU kernels by name: the engine's Triton GEMM (engines/triton_gemm.py; Inductor may suffix it), its
 # patch-matrix copy (engines/triton_patches.py, counted with the other Triton kernels) and Inductor's
 # generated ones. A CPU-side range of the same name nests them, so only GPU events count.
+# --conv: QuantConv2d.use_gemm (None: where it pays, GEMM_MIN_OUT_CHANNELS)
+CONV_MODES = {"auto": None, "gemm": True, "float": False}
 OWN_KERNELS = (("_gemm8_kernel", "gemm"), ("_patches_kernel", "triton"), ("triton_", "triton"))
 
 
@@ -195,9 +197,9 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--conv", choices=("auto", "gemm", "float"), default="auto",
+    parser.add_argument("--conv", default="auto", metavar="MODE[,MODE]",
                         help="8-bit convs as 8-bit GEMMs (gemm: all that cuBLASLt takes; auto: those where it "
-                             "pays) or as fp16 convs on dequantized weights (float)")
+                             "pays) or as fp16 convs on dequantized weights (float); several: each its own variant")
     parser.add_argument("--backend", choices=("compile", "aoti"), default="compile",
                         help="8-bit variants through torch.compile, or packaged with AOTInductor as the engine stage "
                              "ships them (static shapes; an SDXL package builds for over 4.5 minutes)")
@@ -217,7 +219,9 @@ def main(argv=None):
                              "auto, triton, inductor, as engine.conv_patches")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
-    int8_gemms, conv_patches = args.int8_gemm.split(","), args.conv_patches.split(",")
+    int8_gemms, conv_patches, conv_modes = args.int8_gemm.split(","), args.conv_patches.split(","), args.conv.split(",")
+    if not set(conv_modes) <= set(CONV_MODES):
+        parser.error(f"--conv {args.conv!r}: each mode is one of {', '.join(CONV_MODES)}")
     for kernel in int8_gemms:  # a bad name stops here, before any GPU work
         resolve_int8_gemm(kernel, "cpu")
     for kernel in conv_patches:
@@ -259,19 +263,22 @@ def main(argv=None):
             fake_out = fake(**inputs).sample
         real, counts = convert_to_real_quant(fake)
         convs = [m for m in real.modules() if isinstance(m, QuantConv2d)]
-        for conv in convs:
-            conv.use_gemm = {"auto": None, "gemm": True, "float": False}[args.conv]
-        counts["conv_as_gemm"] = sum(c.runs_as_gemm(on_gpu=True) for c in convs)
         log(f"{precision}: converted {counts}")
         packaged = " (AOTInductor package)" if args.backend == "aoti" else ""
-        for kernel, patches in itertools.product(int8_gemms if precision == "int8" else [None], conv_patches):
+        variants = itertools.product(conv_modes, int8_gemms if precision == "int8" else [None], conv_patches)
+        for mode, kernel, patches in variants:
+            for conv in convs:
+                conv.use_gemm = CONV_MODES[mode]
+            counts = counts | {"conv_as_gemm": sum(c.runs_as_gemm(on_gpu=True) for c in convs)}
             name = f"torch engine {precision} L{level}{packaged}"
             kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches)
             apply_kernels(real, kernels)
-            if len(int8_gemms) > 1 or len(conv_patches) > 1:
-                name += " (" + ", ".join(f"{k} {v}" for k, v in kernels.items()) + ")"
+            labels = ([f"conv {mode}"] if len(conv_modes) > 1 else []) + [
+                f"{k} {v}" for k, v in kernels.items() if len(int8_gemms) > 1 or len(conv_patches) > 1]
+            if labels:
+                name += " (" + ", ".join(labels) + ")"
             row, out, _ = measure(name, real, inputs, flops, args, log, args.backend, inductor)
-            rows.append(row | {"counts": counts, "speedup": round(base["ms"] / row["ms"], 3),
+            rows.append(row | {"conv": mode, "counts": counts, "speedup": round(base["ms"] / row["ms"], 3),
                                "memory_vs_fp16": round(row["footprint_mb"] / base["footprint_mb"], 3),
                                "rel_err_vs_fakequant": round(relative_error(fake_out, out), 4),
                                "rel_err_vs_fp16": round(relative_error(reference, out), 4),

@@ -352,7 +352,8 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     for name, kernel in kernels.items():
         info[name] = {"setting": settings[name], "kernel": kernel}
     if kernels.get("int8_gemm") == "triton":
-        from quantdiff.engines.triton_gemm import TILES, tile_kwargs
+        from quantdiff.engines.triton_gemm import SMALL_M_ROWS, SMALL_M_TILES, TILES, tile_kwargs
 
         info["int8_gemm"]["tile"] = tile_kwargs(TILES["int8"])
+        info["int8_gemm"][f"tile_up_to_{SMALL_M_ROWS}_rows"] = tile_kwargs(SMALL_M_TILES["int8"])
     return info

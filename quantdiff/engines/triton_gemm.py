@@ -149,6 +149,12 @@ if triton is not None:
     # everywhere, autotuning costs build time, and what the autotuner picked under torch.compile
     # could not be seen (its compiled GEMMs were slower than the best tile alone plus a quantize).
     TILES = {"int8": _config(128, 128, 64, 4, 5), "fp8": _config(256, 128, 64, 8, 4)}
+    # Few rows: SDXL's cross-attention k/v projections read the 77-token text, 154 rows at batch 2,
+    # where a 128x128 tile makes 20 programs for 132 SMs (13.5 us per 154x2048x1280 int8 GEMM in
+    # the H200 profile against cuBLASLt fp8's 5.4 us; docs/PERF.md). 64-row tiles (the least Hopper's
+    # wgmma takes) and 32 columns make 120 programs there, each pipelining a long k.
+    SMALL_M_ROWS = 256
+    SMALL_M_TILES = {"int8": _config(64, 32, 128, 4, 4), "fp8": _config(64, 32, 128, 4, 4)}
     # the tiles `python -m quantdiff.bench.gemm --sweep` times one by one
     SWEEP_CONFIGS = [TILES["int8"], TILES["fp8"]] + [
         _config(128, 128, 64, 4, 6), _config(256, 128, 128, 8, 3), _config(128, 256, 128, 8, 3),
@@ -157,6 +163,10 @@ if triton is not None:
         _config(128, 256, 64, 8, 4), _config(64, 256, 128, 4, 3), _config(128, 128, 128, 8, 5),
         _config(128, 256, 128, 8, 3, group=16), _config(64, 128, 256, 4, 3), _config(128, 128, 64, 8, 6),
         _config(128, 64, 64, 4, 6)]
+    # the tiles the sweep times on the few-row shapes (bench.gemm SMALL_M_SHAPES)
+    SMALL_M_SWEEP_CONFIGS = [SMALL_M_TILES["int8"], TILES["int8"]] + [
+        _config(64, 64, 128, 4, 4), _config(64, 32, 256, 4, 3), _config(64, 64, 64, 4, 5), _config(64, 128, 128, 4, 4),
+        _config(64, 32, 64, 4, 6), _config(64, 16, 128, 4, 4)]
     # The GEGLU form keeps two accumulators; no tile of it has beaten the unfused pair yet (PERF.md),
     # so it is autotuned over a few and used by the GEMM bench only.
     GEGLU_CONFIGS = [_config(128, 128, 128, 8, 3), _config(128, 64, 128, 4, 4), _config(64, 128, 128, 4, 4),
@@ -166,7 +176,17 @@ if triton is not None:
     _gemm8_geglu_tuned = triton.autotune(configs=GEGLU_CONFIGS, key=["M", "N", "K", "OUT_FMT"])(_gemm8_kernel)
     # Each fixed tile as a one-config autotuner (which times nothing): the launch form that ran
     # under torch.compile and AOTInductor on the H200.
-    _gemm8_tiled = {fmt: triton.autotune(configs=[tile], key=[])(_gemm8_kernel) for fmt, tile in TILES.items()}
+    _gemm8_tiled = {(fmt, small): triton.autotune(configs=[tile], key=[])(_gemm8_kernel)
+                    for small, tiles in ((False, TILES), (True, SMALL_M_TILES)) for fmt, tile in tiles.items()}
+
+    def small_m(m):
+        """True for a GEMM of few rows (SMALL_M_TILES). Only a plain int can be: under a dynamic batch
+        m is symbolic, and choosing by it would guard the batch, so it takes the large tile."""
+        return isinstance(m, int) and m <= SMALL_M_ROWS
+
+    def tile_for(fmt, m):
+        """The fixed tile an `fmt` ("int8" / "fp8") GEMM of m rows launches with."""
+        return (SMALL_M_TILES if small_m(m) else TILES)[fmt]
     # the interpreter runs one small tile on the CPU
     INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
@@ -191,7 +211,7 @@ if triton is not None:
         elif gate_offset:
             wrap_triton(_gemm8_geglu_tuned)[grid](*args, **flags)
         else:
-            wrap_triton(_gemm8_tiled["int8" if flags["IS_INT"] else "fp8"])[grid](*args, **flags)
+            wrap_triton(_gemm8_tiled["int8" if flags["IS_INT"] else "fp8", small_m(m)])[grid](*args, **flags)
         return out
 
     @torch.library.triton_op("quantdiff::gemm8", mutates_args=())
