@@ -96,3 +96,35 @@ def test_sweep_runs_every_tile_and_form(monkeypatch):
         (24, "int8 triton", 64), (24, "int8 triton", 64), (24, "int8 triton geglu", 128),
         (24, "fp8 triton", 64), (24, "fp8 triton", 64), (24, "fp8 triton geglu", 128),
         (8, "int8 triton", 128), (8, "fp8 triton", 128)]  # the few-row shape: its own tiles
+
+
+def test_conv_rows_compare_the_8bit_conv_paths(monkeypatch):
+    # on the CPU in Triton's interpreter, eager, clock stubbed: every path of the GPU's --convs
+    # mode runs and is the conv (the int8 ones exactly the same values)
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    logged = []
+    row = gemm.conv_row(64, 8, 40, logged.append, device="cpu", time_fn=lambda fn: fn() is None or 1.0)
+    assert row["input"] == [2, 64, 8, 8] and len(logged) == 1
+    paths = ["fp16 cudnn", "int8 patches+gemm", "int8 implicit", "fp8 patches+gemm", "fp8 implicit"]
+    assert [k[:-3] for k in row if k.endswith(" us")] == paths
+    assert row["fp16 cudnn rel_err"] < 2e-3  # fp16 rounding only
+    for path in paths[1:]:  # 8-bit grids: a few percent, not more
+        assert 2e-3 < row[f"{path} rel_err"] < 0.05, (path, row)
+    assert row["int8 patches+gemm rel_err"] == row["int8 implicit rel_err"]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_the_aoti_check_module_runs_each_triton_op(fmt):
+    # what --aoti packages, run eagerly in Triton's interpreter: the implicit conv and patches + GEMM agree
+    module = gemm._TritonOps(fmt, 64, 40, device="cpu")
+    x = torch.randn(2, 64, 5, 6).half().contiguous(memory_format=torch.channels_last)
+    implicit, patches_gemm = module(x)
+    assert implicit.shape == patches_gemm.shape == (60, 40)
+    if fmt == "int8":
+        assert torch.equal(implicit, patches_gemm)
+    else:
+        assert torch.allclose(implicit.float(), patches_gemm.float(), rtol=1e-3, atol=1e-3)
+    reference = torch.nn.functional.conv2d(x.float(), (module.w.float().reshape(40, 3, 3, 64) * (
+        module.scale.reshape(-1, 1, 1, 1) * module.x_to)).permute(0, 3, 1, 2), None, 1, 1)
+    err = (implicit.float() - reference.permute(0, 2, 3, 1).reshape(60, 40)).norm() / reference.norm()
+    assert err < 0.05

@@ -15,6 +15,7 @@ GEMM (float32 on the dequantized values).
 import argparse
 import itertools
 import json
+import tempfile
 import time
 
 import torch
@@ -33,6 +34,10 @@ SMALL_M_SHAPES = ((154, 2048, 1280), (154, 2048, 640))
 GEGLU_SHAPES = ((2048, 1280, 10240), (8192, 640, 5120))  # the FF-in GEMMs: n = value + gate
 # (channels, side) of SDXL's 3x3 convs that run as GEMMs at 1024 px, batch 2 (stride 1, padding 1)
 CONV_INPUTS = ((640, 64), (1280, 32), (1920, 64), (1280, 64), (2560, 32), (640, 128))
+# (in channels, side, out channels) of SDXL's 3x3 convs at 1024 px, batch 2: those that run as
+# 8-bit GEMMs, and the 320-channel ones at 128 x 128 that stay fp16 convs (GEMM_MIN_OUT_CHANNELS)
+CONV_SHAPES = ((640, 64, 640), (1280, 32, 1280), (1920, 64, 640), (2560, 32, 1280), (640, 128, 640),
+               (320, 128, 320), (960, 128, 320))
 CALLS_PER_GRAPH = 20
 
 
@@ -218,6 +223,110 @@ def patches_row(channels, side, log):
     return row
 
 
+def conv_row(channels, side, out_channels, log, device="cuda", time_fn=None):
+    """One 3x3 conv from its fp16 input, compiled, us: cuDNN fp16, and per 8-bit format the conv as
+    quantize + Triton patch copy + GEMM (Triton int8, cuBLASLt fp8) against quantize + the
+    implicit-GEMM Triton conv (no patch matrix); each 8-bit output's error against the fp16 conv."""
+    from ..engines import triton_conv, triton_patches
+
+    time_fn = time_fn or time_graph
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(2, channels, side, side, generator=g, device=device).half()
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(out_channels, channels, 3, 3, generator=g, device=device) / (9 * channels) ** 0.5).half()
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    w = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
+    geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
+    row = {"input": [2, channels, side, side], "out_channels": out_channels,
+           "tflop": round(2 * 2 * side * side * 9 * channels * out_channels / 1e12, 4)}
+    reference = F.conv2d(x.float(), weight.float(), None, 1, 1)
+    paths = {"fp16 cudnn": lambda x: F.conv2d(x, weight, None, 1, 1)}
+    for fmt in ("int8", "fp8"):
+        if fmt == "int8":
+            x_to, _ = int8_scales(x.abs().amax())
+            w_to, w_div = int8_scales(w.abs().amax(dim=1))
+            wq, quantize = quantize_int8(w, w_to[:, None]), lambda x, x_to=x_to: quantize_int8(x, x_to)
+            scale = int8_out_scale(x_to, w_div, out_channels)
+            gemm = lambda a, wq=wq, scale=scale: triton_gemm.gemm8(a, wq, scale)  # noqa: E731
+        else:
+            x_to, x_back = fp8_scales(x.abs().amax())
+            w_to, w_back = fp8_scales(w.abs().amax())
+            wq, quantize = quantize_fp8(w, w_to), lambda x, x_to=x_to: quantize_fp8(x, x_to)
+            scale = x_back * w_back
+            gemm = lambda a, wq=wq, x_back=x_back, w_back=w_back: fp8_matmul(  # noqa: E731
+                a, wq, x_back, w_back, torch.float16)
+
+        def patches_gemm(x, quantize=quantize, gemm=gemm):
+            xq = quantize(x)
+            patches = triton_patches.image_patches(xq.view(torch.int8), *geometry)
+            return gemm(patches.reshape(-1, patches.shape[-1]).view(xq.dtype))
+
+        paths[f"{fmt} patches+gemm"] = patches_gemm
+        paths[f"{fmt} implicit"] = lambda x, quantize=quantize, wq=wq, scale=scale: triton_conv.conv8(
+            quantize(x), wq, scale, None, *geometry)
+    for name, path in paths.items():
+        torch._dynamo.reset()
+        compiled = torch.compile(path)
+        with torch.no_grad():
+            out = compiled(x)
+            out = out.reshape(2, side, side, out_channels).permute(0, 3, 1, 2) if out.dim() == 2 else out
+            row[f"{name} us"] = round(time_fn(lambda: compiled(x)), 2)
+        row[f"{name} rel_err"] = round(float((out.float() - reference).norm() / reference.norm()), 5)
+    log(json.dumps(row))
+    return row
+
+
+class _TritonOps(torch.nn.Module):
+    """One 3x3 8-bit conv through each of the project's Triton ops: quantize, then the implicit
+    conv (quantdiff::conv8), and the patch copy (quantdiff::image_patches) into the GEMM
+    (quantdiff::gemm8)."""
+
+    def __init__(self, fmt, channels, out_channels, device="cuda"):
+        super().__init__()
+        g = torch.Generator(device=device).manual_seed(0)
+        w = torch.randn(out_channels, 9 * channels, generator=g, device=device) / (9 * channels) ** 0.5
+        self.fmt, self.geometry = fmt, ((3, 3), (1, 1), (1, 1), (1, 1))
+        quantize, scales = (quantize_int8, int8_scales) if fmt == "int8" else (quantize_fp8, fp8_scales)
+        w_to, w_back = scales(w.abs().amax(dim=1) if fmt == "int8" else w.abs().amax())
+        self.register_buffer("w", quantize(w, w_to[:, None] if fmt == "int8" else w_to))
+        self.register_buffer("x_to", torch.tensor(127 / 4.0 if fmt == "int8" else 448 / 4.0, device=device))
+        # int8: 1 / (input grid * weight grid) per column; fp8: the two per-tensor factors
+        self.register_buffer("scale", (1 / (self.x_to * w_back) if fmt == "int8" else w_back / self.x_to).float())
+
+    def forward(self, x):
+        from ..engines import triton_conv, triton_patches
+
+        xq = (quantize_int8 if self.fmt == "int8" else quantize_fp8)(x, self.x_to)
+        implicit = triton_conv.conv8(xq, self.w, self.scale, None, *self.geometry)
+        patches = triton_patches.image_patches(xq.view(torch.int8), *self.geometry)
+        gemm = triton_gemm.gemm8(patches.reshape(implicit.shape[0], -1).view(xq.dtype), self.w, self.scale)
+        return implicit, gemm
+
+
+def aoti_rows(log, out_dir):
+    """The Triton ops packaged by AOTInductor (as the engine stage ships them), loaded and run:
+    each output against the same ops run eagerly, per 8-bit format."""
+    rows = []
+    x = torch.randn(2, 640, 32, 32, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    for fmt in ("int8", "fp8"):
+        module = _TritonOps(fmt, 640, 640)
+        row = {"aoti": fmt}
+        try:
+            with torch.no_grad():
+                eager = module(x)
+                program = torch.export.export(module, (x,))
+                path = torch._inductor.aoti_compile_and_package(program, package_path=f"{out_dir}/ops-{fmt}.pt2")
+                packaged = torch._inductor.aoti_load_package(path)(x)
+            row.update({name: float((p.float() - e.float()).abs().max()) for name, p, e in
+                        zip(("implicit_max_diff", "patches_gemm_max_diff"), packaged, eager)})
+            row["implicit_vs_patches_max_diff"] = float((eager[0].float() - eager[1].float()).abs().max())
+        except Exception as e:  # report it and go on: the point is to learn what fails
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        log(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
 def shape_list(text):
     """"2048x1280x1280,154x2048x640" -> ((2048, 1280, 1280), (154, 2048, 640))"""
     try:
@@ -239,6 +348,11 @@ def main(argv=None):
                         help="instead: time the Triton kernel alone for every tile in triton_gemm.SWEEP_CONFIGS")
     parser.add_argument("--patches", action="store_true",
                         help="instead: time the conv GEMMs' patch matrices, Inductor's kernel against the Triton one")
+    parser.add_argument("--convs", action="store_true",
+                        help="instead: time SDXL's 3x3 convs from fp16 input: cuDNN fp16, and 8-bit as patch "
+                             "matrix + GEMM against the implicit-GEMM Triton conv")
+    parser.add_argument("--aoti", action="store_true",
+                        help="instead: package the project's Triton ops with AOTInductor, run them, compare to eager")
     parser.add_argument("--shapes", type=shape_list, default=SHAPES + SMALL_M_SHAPES, metavar="MxKxN[,MxKxN]",
                         help="the GEMM shapes to time (default: SDXL's, SHAPES and SMALL_M_SHAPES)")
     parser.add_argument("--out", default="gemm_bench.json")
@@ -250,6 +364,16 @@ def main(argv=None):
     if args.patches:
         for channels, side in CONV_INPUTS:
             result["rows"].append(patches_row(channels, side, log))
+            write_json(args.out, result)
+        return result
+    if args.aoti:
+        with tempfile.TemporaryDirectory() as out_dir:
+            result["rows"] = aoti_rows(log, out_dir)
+        write_json(args.out, result)
+        return result
+    if args.convs:
+        for channels, side, out_channels in CONV_SHAPES:
+            result["rows"].append(conv_row(channels, side, out_channels, log))
             write_json(args.out, result)
         return result
     if args.sweep:

@@ -15,7 +15,7 @@ from quantdiff.errors import ConfigError, MissingBackendError
 
 FP8 = torch.float8_e4m3fn
 INT8_GEMM_CHOICES = ("auto", "triton", "int_mm")
-CONV_PATCHES_CHOICES = ("auto", "triton", "inductor")
+CONV_PATCHES_CHOICES = ("auto", "triton", "inductor", "implicit")
 
 
 def resolve_int8_gemm(choice, device):
@@ -45,16 +45,18 @@ def resolve_conv_patches(choice, device):
     engines/triton_patches.py). "auto" is Triton wherever it can run: on an H200 it wrote every
     SDXL conv input's patches in 0.49-0.57 of the time of Inductor's kernel, and took the UNet step
     from 28.74 to 26.03 ms (fp8) and 35.06 to 32.48 ms (int8) (docs/PERF.md). The copy has nothing
-    specific to Hopper, so older GPUs take it too (not measured there)."""
+    specific to Hopper, so older GPUs take it too (not measured there). "implicit" writes no patch
+    matrix: the Triton conv kernel of engines/triton_conv.py reads the windows from the image
+    (convs whose channels it does not fit keep the Triton copy)."""
     if choice not in CONV_PATCHES_CHOICES:
         raise ConfigError(f"conv patches {choice!r} is not one of {', '.join(CONV_PATCHES_CHOICES)}")
     if torch.device(device).type != "cuda":
         return "inductor"
     if choice == "auto":
         return "triton" if triton_gemm.available(device) else "inductor"
-    if choice == "triton" and not triton_gemm.available(device):
-        raise MissingBackendError("engine.conv_patches is triton, but the triton package is not installed (CUDA "
-                                  "builds of torch bring it); install it or set engine.conv_patches: inductor")
+    if choice in ("triton", "implicit") and not triton_gemm.available(device):
+        raise MissingBackendError(f"engine.conv_patches is {choice}, but the triton package is not installed "
+                                  "(CUDA builds of torch bring it); install it or set engine.conv_patches: inductor")
     return choice
 
 
@@ -214,18 +216,24 @@ def conv2d_as_gemm(conv, x):
     so the patches are the same, and the gather (kh*kw times the input) moves 1-byte values. It
     moves them as int8 bits, so padding and copying need no fp8 kernels.
     """
+    # (the Triton modules import this one: imported here)
+    from quantdiff.engines import triton_conv, triton_patches
+
     if conv.act.pre_quant_scale is not None:
         x = x * conv.act.pre_quant_scale
     xq = conv.act.quantize(x)
-    patches_of = image_patches
-    if resolve_conv_patches(conv.conv_patches, x.device) == "triton":
-        from quantdiff.engines.triton_patches import image_patches as patches_of  # (it imports this module)
-    patches = patches_of(xq.view(torch.int8), conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-    b, ho, wo, k = patches.shape
-    a = patches.reshape(-1, k).view(xq.dtype)
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, k)  # a view when channels_last
-    if conv.fmt == "fp8":
-        out = fp8_matmul(a, weight, conv.act.back, conv.weight_factor, x.dtype, conv.bias, conv.fast_accum)
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    b, ho, wo = x.shape[0], *(conv_output_size(x.shape[d], *(v[d - 2] for v in geometry)) for d in (2, 3))
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # a view when channels_last
+    kernel = resolve_conv_patches(conv.conv_patches, x.device)
+    if kernel == "implicit" and triton_conv.fits(conv.in_channels, conv.fmt):
+        scale = conv.out_scale if conv.fmt == "int8" else conv.act.back * conv.weight_factor
+        out = triton_conv.conv8(xq, weight, scale, conv.bias, *geometry, out_dtype=x.dtype)
     else:
-        out = int8_linear(a, weight, conv.out_scale, conv.bias, x.dtype, conv.int8_gemm)
+        patches_of = image_patches if kernel == "inductor" else triton_patches.image_patches
+        a = patches_of(xq.view(torch.int8), *geometry).reshape(b * ho * wo, -1).view(xq.dtype)
+        if conv.fmt == "fp8":
+            out = fp8_matmul(a, weight, conv.act.back, conv.weight_factor, x.dtype, conv.bias, conv.fast_accum)
+        else:
+            out = int8_linear(a, weight, conv.out_scale, conv.bias, x.dtype, conv.int8_gemm)
     return out.reshape(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)

@@ -82,18 +82,29 @@ if triton is not None:
         return tl.where((r - y == 0.5) & (odd != 0.0), r - 1.0, r)
 
     @triton.jit
-    def _gemm8_kernel(a_ptr, w_ptr, scale_ptr, bias_ptr, grid_ptr, out_ptr, M, N, K, gate_offset,
-                      stride_am, stride_wn, stride_om, int8_min,
-                      IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, GEGLU: tl.constexpr, OUT_FMT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # Grouped order: GROUP_M row blocks in turn take each weight column block while it sits in L2.
+    def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's (row block, column block). Grouped order: GROUP_M row blocks in turn take
+        each weight column block while it sits in L2."""
         pid = tl.program_id(0)
         blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         first_m = (pid // (GROUP_M * blocks_n)) * GROUP_M
         group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group_rows)
-        pid_n = (pid % (GROUP_M * blocks_n)) // group_rows
+        return first_m + (pid % group_rows), (pid % (GROUP_M * blocks_n)) // group_rows
 
+    @triton.jit
+    def _scaled(acc, rn, n_ok, scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+        """The sums of columns rn in float32: times their scale, plus their bias."""
+        y = acc.to(tl.float32) * tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        return y
+
+    @triton.jit
+    def _gemm8_kernel(a_ptr, w_ptr, scale_ptr, bias_ptr, grid_ptr, out_ptr, M, N, K, gate_offset,
+                      stride_am, stride_wn, stride_om, int8_min,
+                      IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, GEGLU: tl.constexpr, OUT_FMT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -118,13 +129,9 @@ if triton is not None:
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        y = acc.to(tl.float32) * tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = _scaled(acc, rn, n_ok, scale_ptr, bias_ptr, HAS_BIAS)
         if GEGLU:
-            gate = gate_acc.to(tl.float32) * tl.load(scale_ptr + gate_offset + rn, mask=n_ok, other=0.0)[None, :]
-            if HAS_BIAS:
-                gate += tl.load(bias_ptr + gate_offset + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            gate = _scaled(gate_acc, rn, n_ok, scale_ptr + gate_offset, bias_ptr + gate_offset, HAS_BIAS)
             y = y * (0.5 * gate * (1.0 + tl.erf(gate * _SQRT_HALF)))
         if OUT_FMT == 1:
             y = y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :]
@@ -223,6 +230,13 @@ if triton is not None:
         return launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min)
 
 
+def per_column(scale, n):
+    """The first n entries of a per-column float32 scale, contiguous, as the kernels read them
+    (a single-element scale, per-tensor, repeats)."""
+    scale = scale.float().reshape(-1)
+    return (scale if scale.numel() > 1 else scale.expand(n))[:n].contiguous()
+
+
 def gemm8(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=OUT_FLOAT,
           int8_min=-INT8_MAX, out_dtype=torch.float16):
     """gemm8_reference's result through the Triton kernel (the custom op on the GPU; the kernel
@@ -235,8 +249,7 @@ def gemm8(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=
     # per-column vectors, contiguous: the kernel reads element n of each (a 0-dim scale broadcasts);
     # w may have zero rows past those used (padding for cuBLASLt), which the kernel never reads
     rows = gate_offset + n if gate_offset else n
-    scale = scale.float().reshape(-1)
-    scale = (scale if scale.numel() > 1 else scale.expand(rows))[:rows].contiguous()
+    scale = per_column(scale, rows)
     w = w if w.stride(1) == 1 else w.contiguous()
     if out_grid is not None:
         out_grid = out_grid.float().expand(n).contiguous()
