@@ -90,7 +90,9 @@ if triton is not None:
         geometry = _geometry(x, kernel_size, stride, padding, dilation)
         ho, wo = geometry[-1]
         out = torch.empty((x.shape[0] * ho * wo, w.shape[0]), device=x.device, dtype=out_dtype)
-        return launch_kernel(x.permute(0, 2, 3, 1), w, scale, bias, out, geometry)
+        # the kernel reads channel runs: the compiled graph may hand the op another layout than eager did
+        return launch_kernel(x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1), w, scale, bias,
+                             out, geometry)
 
 
 def _geometry(x, kernel_size, stride, padding, dilation):

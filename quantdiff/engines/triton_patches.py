@@ -64,7 +64,8 @@ if triton is not None:
         geometry = _geometry(x, kernel_size, stride, padding, dilation)
         (kh, kw), (ho, wo) = geometry[0], geometry[-1]
         out = torch.empty((x.shape[0] * ho * wo, kh * kw * x.shape[1]), device=x.device, dtype=x.dtype)
-        return launch_kernel(x.permute(0, 2, 3, 1), out, geometry)
+        # the kernel reads channel runs: the compiled graph may hand the op another layout than eager did
+        return launch_kernel(x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1), out, geometry)
 
 
 def _geometry(x, kernel_size, stride, padding, dilation):
