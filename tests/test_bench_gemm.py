@@ -107,6 +107,7 @@ def test_conv_rows_compare_the_8bit_conv_paths(monkeypatch):
     assert row["input"] == [2, 64, 8, 8] and len(logged) == 1
     paths = ["fp16 cudnn", "int8 patches+gemm", "int8 implicit", "fp8 patches+gemm", "fp8 implicit"]
     assert [k[:-3] for k in row if k.endswith(" us")] == paths
+    assert list(row["int8 implicit alone us by tile"].values()) == [1.0]  # the interpreter's tile, ran
     assert row["fp16 cudnn rel_err"] < 2e-3  # fp16 rounding only
     for path in paths[1:]:  # 8-bit grids: a few percent, not more
         assert 2e-3 < row[f"{path} rel_err"] < 0.05, (path, row)

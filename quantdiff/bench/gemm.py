@@ -264,6 +264,7 @@ def conv_row(channels, side, out_channels, log, device="cuda", time_fn=None):
         paths[f"{fmt} patches+gemm"] = patches_gemm
         paths[f"{fmt} implicit"] = lambda x, quantize=quantize, wq=wq, scale=scale: triton_conv.conv8(
             quantize(x), wq, scale, None, *geometry)
+        row[f"{fmt} implicit alone us by tile"] = conv_tiles(quantize(x), wq, scale, geometry, time_fn)
     for name, path in paths.items():
         torch._dynamo.reset()
         compiled = torch.compile(path)
@@ -325,6 +326,30 @@ def aoti_rows(log, out_dir):
         log(json.dumps(row))
         rows.append(row)
     return rows
+
+
+def conv_tiles(xq, wq, scale, geometry, time_fn):
+    """Microseconds of the implicit conv kernel alone (8-bit input) per tile of triton_conv.SWEEP_CONFIGS,
+    keyed "BLOCK_MxBLOCK_NxBLOCK_K/warps/stages"."""
+    from ..engines import triton_conv
+
+    xq = xq.contiguous(memory_format=torch.channels_last)
+    b, _, h, w = xq.shape
+    geo = triton_conv._geometry(xq, *geometry)
+    out = torch.empty(b * geo[-1][0] * geo[-1][1], wq.shape[0], device=xq.device, dtype=torch.float16)
+    scale = triton_gemm.per_column(scale, wq.shape[0])
+    configs = triton_conv.SWEEP_CONFIGS if xq.is_cuda else [triton_conv.INTERPRETER_TILE]
+    times = {}
+    for config in configs:
+        kwargs = config if isinstance(config, dict) else triton_gemm.tile_kwargs(config)
+        key = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        key += f"/{kwargs.get('num_warps', '-')}/{kwargs.get('num_stages', '-')}"
+        try:
+            times[key] = round(time_fn(lambda: triton_conv.launch_kernel(xq.permute(0, 2, 3, 1), wq, scale, None,
+                                                                         out, geo, kwargs)), 2)
+        except Exception as e:  # e.g. out of shared memory: a tile this GPU cannot take
+            times[key] = f"{type(e).__name__}: {str(e)[:100]}"
+    return times
 
 
 def shape_list(text):

@@ -61,6 +61,11 @@ if triton is not None:
 
     # The GEMM's tiles (the k block must divide the channels); the interpreter runs a small one.
     _conv8_tiled = {fmt: triton.autotune(configs=[tile], key=[])(_conv8_kernel) for fmt, tile in TILES.items()}
+    # the tiles `python -m quantdiff.bench.gemm --convs` times the kernel with, alone (k blocks of 64:
+    # SDXL's channel counts are multiples of 64, not all of 128)
+    SWEEP_CONFIGS = [TILES["int8"], TILES["fp8"]] + [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, w, s in ((128, 64, 4, 5), (64, 128, 4, 5), (128, 256, 8, 4), (256, 64, 8, 4), (128, 128, 8, 4))]
 
     def launch_kernel(xh, w, scale, bias, out, geometry, tile=None):
         """Fills `out` (b*ho*wo, n) from the NHWC 8-bit view `xh` (channels contiguous) and the
