@@ -39,9 +39,11 @@ def test_table_shows_the_time_not_in_any_kind():
     rows = [{"variant": "torch engine fp8 L3", "ms": 28.5, "cuda_graph_ms": 28.5, "launched_ms": 59.1,
              "speedup": 1.12, "tflops": 474.4, "footprint_mb": 3206, "memory_vs_fp16": 0.612,
              "rel_err_vs_fakequant": 0.0669,
-             "device_ms_by_kind": {"gemm": 10.744, "conv": 2.253, "attention": 4.608, "triton": 10.242}}]
+             "device_ms_by_kind": {"gemm": 10.744, "conv": 2.253, "attention": 4.608, "triton": 10.242}},
+            {"variant": "torch engine int8 L3 (conv_patches implicit)", "error": "CompilationError: out of resources"}]
     lines = []
     bench_unet.print_table(rows, lines.append)
+    assert lines[2].endswith("failed: CompilationError: out of resources")  # a failed variant is a row too
     assert "gemm/conv/attn/triton/rest" in lines[0]
     assert lines[1].split()[-2:] == ["0.0669", "10.744/2.253/4.608/10.242/0.653"]
     assert "1.120" in lines[1] and "0.61" in lines[1]

@@ -164,6 +164,9 @@ def print_table(rows, log):
     log(f"{'variant':30} {'ms':>7} {'graph':>7} {'launch':>7} {'speedup':>7} {'TFLOP/s':>7} "
         f"{'foot MB':>7} {'mem':>5} {'err':>7}  device ms: gemm/conv/attn/triton/rest")
     for r in rows:
+        if "error" in r:
+            log(f"{r['variant']:30} failed: {r['error']}")
+            continue
         k = r["device_ms_by_kind"]
         err = r.get("rel_err_vs_fakequant", r.get("rel_err_vs_fp16", ""))
         log(f"{r['variant']:30} {r['ms']:7.2f} {r['cuda_graph_ms'] or 0:7.2f} {r['launched_ms']:7.2f} "
@@ -277,7 +280,14 @@ def main(argv=None):
                 f"{k} {v}" for k, v in kernels.items() if len(int8_gemms) > 1 or len(conv_patches) > 1]
             if labels:
                 name += " (" + ", ".join(labels) + ")"
-            row, out, _ = measure(name, real, inputs, flops, args, log, args.backend, inductor)
+            try:
+                row, out, _ = measure(name, real, inputs, flops, args, log, args.backend, inductor)
+            except Exception as e:  # a variant that fails is a result too; the others still run
+                log(f"{name}: failed: {type(e).__name__}: {e}")
+                rows.append({"variant": name, "conv": mode, "error": f"{type(e).__name__}: {str(e)[:500]}"} | kernels)
+                write_json(Path(args.out) / "unet_bench.json", result)
+                torch._dynamo.reset()
+                continue
             rows.append(row | {"conv": mode, "counts": counts, "speedup": round(base["ms"] / row["ms"], 3),
                                "memory_vs_fp16": round(row["footprint_mb"] / base["footprint_mb"], 3),
                                "rel_err_vs_fakequant": round(relative_error(fake_out, out), 4),
