@@ -113,19 +113,3 @@ def test_conv_rows_compare_the_8bit_conv_paths(monkeypatch):
         assert 2e-3 < row[f"{path} rel_err"] < 0.05, (path, row)
     assert row["int8 patches+gemm rel_err"] == row["int8 implicit rel_err"]
 
-
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_the_aoti_check_module_runs_each_triton_op(fmt):
-    # what --aoti packages, run eagerly in Triton's interpreter: the implicit conv and patches + GEMM agree
-    module = gemm._TritonOps(fmt, 64, 40, device="cpu")
-    x = torch.randn(2, 64, 5, 6).half().contiguous(memory_format=torch.channels_last)
-    implicit, patches_gemm = module(x)
-    assert implicit.shape == patches_gemm.shape == (60, 40)
-    if fmt == "int8":
-        assert torch.equal(implicit, patches_gemm)
-    else:
-        assert torch.allclose(implicit.float(), patches_gemm.float(), rtol=1e-3, atol=1e-3)
-    reference = torch.nn.functional.conv2d(x.float(), (module.w.float().reshape(40, 3, 3, 64) * (
-        module.scale.reshape(-1, 1, 1, 1) * module.x_to)).permute(0, 3, 1, 2), None, 1, 1)
-    err = (implicit.float() - reference.permute(0, 2, 3, 1).reshape(60, 40)).norm() / reference.norm()
-    assert err < 0.05

@@ -88,8 +88,9 @@ def test_kinds_count_the_engines_own_gemm_kernel_once():
               event("_gemm8_kernel_11", cpu, 3000, 0), event("aten::mm", cpu, 3000, 0),
               event("triton_poi_fused_mul_0", cuda, 1500, 1500), event("triton_poi_fused_mul_0", cpu, 1500, 0),
               event("aten::_scaled_dot_product_cudnn_attention", cpu, 600, 0), event("Memcpy DtoD", cuda, 300, 300),
-              event("_patches_kernel_2", cuda, 1500, 1500), event("_patches_kernel_2", cpu, 1500, 0)]
-    assert bench_unet.device_ms_by_kind(events, calls=3) == {"gemm": 4.0, "conv": 0.0, "attention": 0.2,
+              event("_patches_kernel_2", cuda, 1500, 1500), event("_patches_kernel_2", cpu, 1500, 0),
+              event("_conv8_kernel", cuda, 600, 600), event("_conv8_kernel_4", cpu, 600, 0)]
+    assert bench_unet.device_ms_by_kind(events, calls=3) == {"gemm": 4.0, "conv": 0.2, "attention": 0.2,
                                                              "triton": 1.0}
 
 

@@ -124,15 +124,25 @@ def test_conv_as_8bit_gemm_matches_fake_quant(precision, int8_pair, fp8_pair):
                                       for _, m in convs)
 
 
-def test_conv_gemm_choice(int8_pair, monkeypatch):
+def test_conv_gemm_choice(int8_pair, fp8_pair, monkeypatch):
     """Auto: the GEMM path only on the GPU, only where cuBLASLt takes the shape and from
-    GEMM_MIN_OUT_CHANNELS output channels; use_gemm forces it either way (never onto a bad shape)."""
+    GEMM_MIN_OUT_CHANNELS output channels (with Inductor's patches; with the Triton copy, per
+    format); use_gemm forces it either way (never onto a bad shape)."""
+    from quantdiff.engines import gemm8
+
     convs = [m for m in int8_pair[1].modules() if isinstance(m, qm.QuantConv2d)]
-    monkeypatch.setattr(qm, "GEMM_MIN_OUT_CHANNELS", 64)  # the tiny UNet has 32 and 64 channels
-    chosen = {(m.out_channels, m.gemm_ok, m.runs_as_gemm(on_gpu=True)) for m in convs}
+    fp8_convs = [m for m in fp8_pair[1].modules() if isinstance(m, qm.QuantConv2d)]
+    # the tiny UNet has 32 and 64 channels
+    monkeypatch.setattr(qm, "GEMM_MIN_OUT_CHANNELS", 64)
+    monkeypatch.setattr(qm, "GEMM_MIN_OUT_CHANNELS_TRITON_PATCHES", {"int8": 64, "fp8": 0})
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: False)  # auto: Inductor's patches
+    chosen = {(m.out_channels, m.gemm_ok, m.runs_as_gemm(on_gpu=True)) for m in convs + fp8_convs}
     # conv_in (4 -> 32) and conv_out (32 -> 4) do not suit cuBLASLt
     assert chosen == {(32, True, False), (64, True, True), (32, False, False), (4, False, False)}
-    assert not any(m.runs_as_gemm(on_gpu=False) for m in convs)
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: True)  # auto: the Triton copy
+    assert {(m.out_channels, m.runs_as_gemm(on_gpu=True)) for m in convs if m.gemm_ok} == {(32, False), (64, True)}
+    assert all(m.runs_as_gemm(on_gpu=True) == m.gemm_ok for m in fp8_convs)  # fp8: every conv it can
+    assert not any(m.runs_as_gemm(on_gpu=False) for m in convs + fp8_convs)
     try:
         for m in convs:
             m.use_gemm = True

@@ -15,7 +15,6 @@ GEMM (float32 on the dequantized values).
 import argparse
 import itertools
 import json
-import tempfile
 import time
 
 import torch
@@ -35,7 +34,7 @@ GEGLU_SHAPES = ((2048, 1280, 10240), (8192, 640, 5120))  # the FF-in GEMMs: n = 
 # (channels, side) of SDXL's 3x3 convs that run as GEMMs at 1024 px, batch 2 (stride 1, padding 1)
 CONV_INPUTS = ((640, 64), (1280, 32), (1920, 64), (1280, 64), (2560, 32), (640, 128))
 # (in channels, side, out channels) of SDXL's 3x3 convs at 1024 px, batch 2: those that run as
-# 8-bit GEMMs, and the 320-channel ones at 128 x 128 that stay fp16 convs (GEMM_MIN_OUT_CHANNELS)
+# 8-bit GEMMs, and the 320-channel ones at 128 x 128 (fp16 convs under int8: GEMM_MIN_OUT_CHANNELS)
 CONV_SHAPES = ((640, 64, 640), (1280, 32, 1280), (1920, 64, 640), (2560, 32, 1280), (640, 128, 640),
                (320, 128, 320), (960, 128, 320))
 CALLS_PER_GRAPH = 20
@@ -277,57 +276,6 @@ def conv_row(channels, side, out_channels, log, device="cuda", time_fn=None):
     return row
 
 
-class _TritonOps(torch.nn.Module):
-    """One 3x3 8-bit conv through each of the project's Triton ops: quantize, then the implicit
-    conv (quantdiff::conv8), and the patch copy (quantdiff::image_patches) into the GEMM
-    (quantdiff::gemm8)."""
-
-    def __init__(self, fmt, channels, out_channels, device="cuda"):
-        super().__init__()
-        g = torch.Generator(device=device).manual_seed(0)
-        w = torch.randn(out_channels, 9 * channels, generator=g, device=device) / (9 * channels) ** 0.5
-        self.fmt, self.geometry = fmt, ((3, 3), (1, 1), (1, 1), (1, 1))
-        quantize, scales = (quantize_int8, int8_scales) if fmt == "int8" else (quantize_fp8, fp8_scales)
-        w_to, w_back = scales(w.abs().amax(dim=1) if fmt == "int8" else w.abs().amax())
-        self.register_buffer("w", quantize(w, w_to[:, None] if fmt == "int8" else w_to))
-        self.register_buffer("x_to", torch.tensor(127 / 4.0 if fmt == "int8" else 448 / 4.0, device=device))
-        # int8: 1 / (input grid * weight grid) per column; fp8: the two per-tensor factors
-        self.register_buffer("scale", (1 / (self.x_to * w_back) if fmt == "int8" else w_back / self.x_to).float())
-
-    def forward(self, x):
-        from ..engines import triton_conv, triton_patches
-
-        xq = (quantize_int8 if self.fmt == "int8" else quantize_fp8)(x, self.x_to)
-        implicit = triton_conv.conv8(xq, self.w, self.scale, None, *self.geometry)
-        patches = triton_patches.image_patches(xq.view(torch.int8), *self.geometry)
-        gemm = triton_gemm.gemm8(patches.reshape(implicit.shape[0], -1).view(xq.dtype), self.w, self.scale)
-        return implicit, gemm
-
-
-def aoti_rows(log, out_dir):
-    """The Triton ops packaged by AOTInductor (as the engine stage ships them), loaded and run:
-    each output against the same ops run eagerly, per 8-bit format."""
-    rows = []
-    x = torch.randn(2, 640, 32, 32, device="cuda").half().contiguous(memory_format=torch.channels_last)
-    for fmt in ("int8", "fp8"):
-        module = _TritonOps(fmt, 640, 640)
-        row = {"aoti": fmt}
-        try:
-            with torch.no_grad():
-                eager = module(x)
-                program = torch.export.export(module, (x,))
-                path = torch._inductor.aoti_compile_and_package(program, package_path=f"{out_dir}/ops-{fmt}.pt2")
-                packaged = torch._inductor.aoti_load_package(path)(x)
-            row.update({name: float((p.float() - e.float()).abs().max()) for name, p, e in
-                        zip(("implicit_max_diff", "patches_gemm_max_diff"), packaged, eager)})
-            row["implicit_vs_patches_max_diff"] = float((eager[0].float() - eager[1].float()).abs().max())
-        except Exception as e:  # report it and go on: the point is to learn what fails
-            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-        log(json.dumps(row))
-        rows.append(row)
-    return rows
-
-
 def conv_tiles(xq, wq, scale, geometry, time_fn):
     """Microseconds of the implicit conv kernel alone (8-bit input) per tile of triton_conv.SWEEP_CONFIGS,
     keyed "BLOCK_MxBLOCK_NxBLOCK_K/warps/stages"."""
@@ -376,8 +324,6 @@ def main(argv=None):
     parser.add_argument("--convs", action="store_true",
                         help="instead: time SDXL's 3x3 convs from fp16 input: cuDNN fp16, and 8-bit as patch "
                              "matrix + GEMM against the implicit-GEMM Triton conv")
-    parser.add_argument("--aoti", action="store_true",
-                        help="instead: package the project's Triton ops with AOTInductor, run them, compare to eager")
     parser.add_argument("--shapes", type=shape_list, default=SHAPES + SMALL_M_SHAPES, metavar="MxKxN[,MxKxN]",
                         help="the GEMM shapes to time (default: SDXL's, SHAPES and SMALL_M_SHAPES)")
     parser.add_argument("--out", default="gemm_bench.json")
@@ -390,11 +336,6 @@ def main(argv=None):
         for channels, side in CONV_INPUTS:
             result["rows"].append(patches_row(channels, side, log))
             write_json(args.out, result)
-        return result
-    if args.aoti:
-        with tempfile.TemporaryDirectory() as out_dir:
-            result["rows"] = aoti_rows(log, out_dir)
-        write_json(args.out, result)
         return result
     if args.convs:
         for channels, side, out_channels in CONV_SHAPES:

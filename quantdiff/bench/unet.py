@@ -27,12 +27,14 @@ from .timing import cuda_bytes_beside_allocator, module_bytes, time_calls, time_
 # aten ops whose device time is a GEMM, a convolution or attention (no op here nests in another)
 OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "aten::_scaled_mm": "gemm",
             "aten::_int_mm": "gemm", "aten::convolution": "conv"}
-# GPU kernels by name: the engine's Triton GEMM (engines/triton_gemm.py; Inductor may suffix it), its
-# patch-matrix copy (engines/triton_patches.py, counted with the other Triton kernels) and Inductor's
-# generated ones. A CPU-side range of the same name nests them, so only GPU events count.
-# --conv: QuantConv2d.use_gemm (None: where it pays, GEMM_MIN_OUT_CHANNELS)
+# --conv: QuantConv2d.use_gemm (None: where it pays, QuantConv2d.runs_as_gemm)
 CONV_MODES = {"auto": None, "gemm": True, "float": False}
-OWN_KERNELS = (("_gemm8_kernel", "gemm"), ("_patches_kernel", "triton"), ("triton_", "triton"))
+# GPU kernels by name: the engine's Triton GEMM (engines/triton_gemm.py; Inductor may suffix it) and
+# conv (engines/triton_conv.py, counted with the convolutions), the patch-matrix copy
+# (engines/triton_patches.py, counted with the other Triton kernels) and Inductor's generated ones.
+# A CPU-side range of the same name nests them, so only GPU events count.
+OWN_KERNELS = (("_gemm8_kernel", "gemm"), ("_conv8_kernel", "conv"), ("_patches_kernel", "triton"),
+               ("triton_", "triton"))
 
 
 def relative_error(reference, test):

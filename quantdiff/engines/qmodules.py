@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantdiff.engines.gemm8 import conv2d_as_gemm, fp8_matmul, int8_linear, int8_out_scale
+from quantdiff.engines.gemm8 import conv2d_as_gemm, fp8_matmul, int8_linear, int8_out_scale, resolve_conv_patches
 from quantdiff.errors import ConfigError
 from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8
 
@@ -21,9 +21,13 @@ from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp
 # measured 7e-4 to 1.5e-3 relative error per GEMM on SDXL's shapes (docs/PERF.md, bench.gemm).
 FP8_FAST_ACCUM = True
 # A conv as a GEMM first writes its patch matrix (kh*kw times the input); that costs about 1/N of
-# the GEMM's own time for N output channels. On an H200 (SDXL, docs/PERF.md) the 8-bit GEMM beat
-# cuDNN's fp16 conv from 640 output channels up and lost at 320.
+# the GEMM's own time for N output channels. On an H200 (SDXL, docs/PERF.md), with Inductor writing
+# the patches, the 8-bit GEMM beat cuDNN's fp16 conv from 640 output channels up and lost at 320.
 GEMM_MIN_OUT_CHANNELS = 640
+# With the Triton copy writing them (half the time), fp8 running every conv as a GEMM took the UNet
+# step from 26.03 to 25.66 ms (1.224x and 1.240x of fp16, each against its own baseline); int8 keeps
+# 640: its GEMM at 320 columns lost to cuDNN fp16 in bench.gemm --convs (not measured in the UNet).
+GEMM_MIN_OUT_CHANNELS_TRITON_PATCHES = {"fp8": 0, "int8": 640}
 
 
 def quantizer_format(quantizer, where):
@@ -226,7 +230,11 @@ class QuantConv2d(nn.Module):
 
     def runs_as_gemm(self, on_gpu):
         if self.use_gemm is None:
-            return on_gpu and self.gemm_ok and self.out_channels >= GEMM_MIN_OUT_CHANNELS
+            if not (on_gpu and self.gemm_ok):
+                return False
+            triton_patches = resolve_conv_patches(self.conv_patches, "cuda") == "triton"
+            return self.out_channels >= (GEMM_MIN_OUT_CHANNELS_TRITON_PATCHES[self.fmt] if triton_patches
+                                         else GEMM_MIN_OUT_CHANNELS)
         return self.use_gemm and self.gemm_ok
 
     def forward(self, x):
