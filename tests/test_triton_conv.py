@@ -7,20 +7,14 @@ import torch
 from quantdiff.engines import triton_conv as tc
 from quantdiff.engines import triton_gemm as tg
 from quantdiff.engines.gemm8 import image_patches
-from quantdiff.quant.grids import fp8_scales, int8_scales, quantize_fp8, quantize_int8
+from test_triton_gemm import quantized
 
 
 def conv_operands(fmt, c, out, kernel, seed=0):
     g = torch.Generator().manual_seed(seed)
     # 9 x 11 pixels and 40 output channels leave partial row and column blocks (the interpreter's tile is 32)
     x, w = torch.randn(2, c, 9, 11, generator=g), torch.randn(out, kernel[0] * kernel[1] * c, generator=g) / c
-    if fmt == "int8":
-        x_to, _ = int8_scales(x.abs().amax())
-        w_to, w_div = int8_scales(w.abs().amax(dim=1))
-        return quantize_int8(x, x_to), quantize_int8(w, w_to[:, None]), 1 / (x_to * w_div)
-    x_to, x_back = fp8_scales(x.abs().amax())
-    w_to, w_back = fp8_scales(w.abs().amax())
-    return quantize_fp8(x, x_to), quantize_fp8(w, w_to), x_back * w_back
+    return quantized(fmt, x, w)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])

@@ -10,7 +10,12 @@ from quantdiff.quant.grids import fp8_scales, int8_scales, quantize_fp8, quantiz
 
 def operands(fmt, m, k, rows, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x, w = torch.randn(m, k, generator=g), torch.randn(rows, k, generator=g) / k ** 0.5
+    return quantized(fmt, torch.randn(m, k, generator=g), torch.randn(rows, k, generator=g) / k ** 0.5)
+
+
+def quantized(fmt, x, w):
+    """x and w on their 8-bit grids as the torch engine keeps them (x per tensor; w per row for
+    int8, per tensor for fp8), and the factor from their sums back to float."""
     if fmt == "int8":
         x_to, _ = int8_scales(x.abs().amax())
         w_to, w_div = int8_scales(w.abs().amax(dim=1))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engines import triton_gemm
-from ..engines.gemm8 import fp8_matmul, image_patches, int8_dequantize, int8_matmul, int8_out_scale
+from ..engines.gemm8 import conv_geometry, fp8_matmul, image_patches, int8_dequantize, int8_matmul, int8_out_scale
 from ..io import write_json
 from ..quant.grids import fp8_scales, int8_scales, quantize_fp8, quantize_int8
 from .timing import capture_cuda_graph, time_calls
@@ -283,7 +283,7 @@ def conv_tiles(xq, wq, scale, geometry, time_fn):
 
     xq = xq.contiguous(memory_format=torch.channels_last)
     b, _, h, w = xq.shape
-    geo = triton_conv._geometry(xq, *geometry)
+    geo = conv_geometry(xq, *geometry)
     out = torch.empty(b * geo[-1][0] * geo[-1][1], wq.shape[0], device=xq.device, dtype=torch.float16)
     scale = triton_gemm.per_column(scale, wq.shape[0])
     configs = triton_conv.SWEEP_CONFIGS if xq.is_cuda else [triton_conv.INTERPRETER_TILE]

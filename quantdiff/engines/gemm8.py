@@ -182,6 +182,13 @@ def conv_output_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def conv_geometry(x, kernel_size, stride, padding, dilation):
+    """((kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo)) of a conv over the (b, c, h, w) tensor x."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    return ((kh, kw), (sh, sw), (ph, pw), (dh, dw),
+            (conv_output_size(x.shape[2], kh, sh, ph, dh), conv_output_size(x.shape[3], kw, sw, pw, dw)))
+
+
 def image_patches(x, kernel_size, stride, padding, dilation):
     """(b, ho, wo, kh*kw*c) patches of x (b, c, h, w): tap-major, channel-minor.
 
@@ -223,7 +230,7 @@ def conv2d_as_gemm(conv, x):
         x = x * conv.act.pre_quant_scale
     xq = conv.act.quantize(x)
     geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-    b, ho, wo = x.shape[0], *(conv_output_size(x.shape[d], *(v[d - 2] for v in geometry)) for d in (2, 3))
+    b, (ho, wo) = x.shape[0], conv_geometry(x, *geometry)[-1]
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # a view when channels_last
     kernel = resolve_conv_patches(conv.conv_patches, x.device)
     if kernel == "implicit" and triton_conv.fits(conv.in_channels, conv.fmt):

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from quantdiff.engines.gemm8 import conv_output_size
+from quantdiff.engines.gemm8 import conv_geometry
 from quantdiff.engines.triton_gemm import interpreting, per_column, triton
 
 INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
@@ -24,16 +24,14 @@ INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 if triton is not None:
     import triton.language as tl
 
-    from quantdiff.engines.triton_gemm import TILES, _scaled, _tile_ids, tile_kwargs
+    from quantdiff.engines.triton_gemm import TILES, _scaled, _tile_rows_cols, tile_kwargs
 
     @triton.jit
     def _conv8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, C, H, W, HO, WO, KW, K,
                       stride_xb, stride_xh, stride_xw, stride_wn, stride_om, SH, SW, PH, PW, DH, DW,
                       IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm, rn = _tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = tl.arange(0, BLOCK_K)
         m_ok, n_ok = rm < M, rn < N
         # output pixel of each row: its window's top-left input pixel, and its image (int64 offset:
@@ -92,18 +90,12 @@ if triton is not None:
     def conv8_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                  kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
                  out_dtype: torch.dtype) -> torch.Tensor:
-        geometry = _geometry(x, kernel_size, stride, padding, dilation)
+        geometry = conv_geometry(x, kernel_size, stride, padding, dilation)
         ho, wo = geometry[-1]
         out = torch.empty((x.shape[0] * ho * wo, w.shape[0]), device=x.device, dtype=out_dtype)
         # the kernel reads channel runs: the compiled graph may hand the op another layout than eager did
         return launch_kernel(x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1), w, scale, bias,
                              out, geometry)
-
-
-def _geometry(x, kernel_size, stride, padding, dilation):
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    return ((kh, kw), (sh, sw), (ph, pw), (dh, dw),
-            (conv_output_size(x.shape[2], kh, sh, ph, dh), conv_output_size(x.shape[3], kw, sw, pw, dw)))
 
 
 def k_block(fmt):
@@ -135,7 +127,7 @@ def conv8(xq, weight, scale, bias, kernel_size, stride, padding, dilation, out_d
         return torch.ops.quantdiff.conv8(xq, weight, scale, bias, *args, out_dtype)
     if not interpreting():
         raise RuntimeError("conv8 runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
-    geometry = _geometry(xq, *args)
+    geometry = conv_geometry(xq, *args)
     ho, wo = geometry[-1]
     out = torch.empty((xq.shape[0] * ho * wo, weight.shape[0]), dtype=out_dtype)
     return launch_kernel(xq.permute(0, 2, 3, 1), weight, scale, bias, out, geometry)

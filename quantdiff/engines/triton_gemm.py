@@ -82,14 +82,15 @@ if triton is not None:
         return tl.where((r - y == 0.5) & (odd != 0.0), r - 1.0, r)
 
     @triton.jit
-    def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """This program's (row block, column block). Grouped order: GROUP_M row blocks in turn take
-        each weight column block while it sits in L2."""
+    def _tile_rows_cols(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """The output rows and columns of this program's tile. Grouped order: GROUP_M row blocks in
+        turn take each weight column block while it sits in L2."""
         pid = tl.program_id(0)
         blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         first_m = (pid // (GROUP_M * blocks_n)) * GROUP_M
         group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
-        return first_m + (pid % group_rows), (pid % (GROUP_M * blocks_n)) // group_rows
+        pid_m, pid_n = first_m + (pid % group_rows), (pid % (GROUP_M * blocks_n)) // group_rows
+        return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
     @triton.jit
     def _scaled(acc, rn, n_ok, scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
@@ -104,9 +105,7 @@ if triton is not None:
                       stride_am, stride_wn, stride_om, int8_min,
                       IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, GEGLU: tl.constexpr, OUT_FMT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm, rn = _tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = tl.arange(0, BLOCK_K)
         m_ok, n_ok = rm < M, rn < N
         # w is (rows, k) row-major, read as (k, n) tiles: both operands k-major, as Hopper's 8-bit MMA wants

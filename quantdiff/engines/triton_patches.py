@@ -12,7 +12,7 @@ it; gemm8.image_patches is its meaning, and CPU tests run the kernel in Triton's
 """
 import torch
 
-from quantdiff.engines.gemm8 import conv_output_size
+from quantdiff.engines.gemm8 import conv_geometry
 from quantdiff.engines.triton_gemm import interpreting, triton
 
 if triton is not None:
@@ -61,18 +61,11 @@ if triton is not None:
     @torch.library.triton_op("quantdiff::image_patches", mutates_args=())
     def image_patches_op(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                          dilation: list[int]) -> torch.Tensor:
-        geometry = _geometry(x, kernel_size, stride, padding, dilation)
+        geometry = conv_geometry(x, kernel_size, stride, padding, dilation)
         (kh, kw), (ho, wo) = geometry[0], geometry[-1]
         out = torch.empty((x.shape[0] * ho * wo, kh * kw * x.shape[1]), device=x.device, dtype=x.dtype)
         # the kernel reads channel runs: the compiled graph may hand the op another layout than eager did
         return launch_kernel(x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1), out, geometry)
-
-
-def _geometry(x, kernel_size, stride, padding, dilation):
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    ho = conv_output_size(x.shape[2], kh, sh, ph, dh)
-    wo = conv_output_size(x.shape[3], kw, sw, pw, dw)
-    return (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo)
 
 
 def image_patches(x, kernel_size, stride, padding, dilation):
@@ -83,7 +76,7 @@ def image_patches(x, kernel_size, stride, padding, dilation):
         raise ValueError(f"image_patches copies bytes: view the 8-bit input as int8 (got {x.dtype})")
     x = x.contiguous(memory_format=torch.channels_last)
     args = [list(v) for v in (kernel_size, stride, padding, dilation)]
-    geometry = _geometry(x, *args)
+    geometry = conv_geometry(x, *args)
     (kh, kw), (ho, wo) = geometry[0], geometry[-1]
     if x.is_cuda:
         out = torch.ops.quantdiff.image_patches(x, *args)
