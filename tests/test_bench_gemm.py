@@ -113,3 +113,16 @@ def test_conv_rows_compare_the_8bit_conv_paths(monkeypatch):
         assert 2e-3 < row[f"{path} rel_err"] < 0.05, (path, row)
     assert row["int8 patches+gemm rel_err"] == row["int8 implicit rel_err"]
 
+
+
+def test_attention_rows_compare_the_level_4_paths(monkeypatch):
+    # on the CPU in Triton's interpreter, eager, clock stubbed: every path of the GPU's --attention
+    # mode runs and is the same attention up to fp8 quantization
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    logged = []
+    row = gemm.attention_row(1, 2, 24, 40, logged.append, d=16, device="cpu", time_fn=lambda fn: fn() is None or 1.0)
+    assert row["shape"] == [1, 2, 24, 40, 16] and len(logged) == 1
+    assert [k[:-3] for k in row if k.endswith(" us")] == ["fp16 sdpa", "fp8 fake-quant sdpa", "fp8 triton"]
+    assert row["fp8 triton rel_err"] < 2e-3 and row["fp8 fake-quant sdpa rel_err"] < 2e-3  # the fp8 model's own
+    assert 5e-3 < row["fp16 sdpa rel_err"] < 0.1  # what fp8 q, k, v change
+    assert row["fp8 triton alone us by tile"] == {"default": 1.0}

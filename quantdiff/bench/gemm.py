@@ -276,6 +276,56 @@ def conv_row(channels, side, out_channels, log, device="cuda", time_fn=None):
     return row
 
 
+# (batch, heads, queries, keys) of SDXL's attention at 1024 px, batch 2 (head_dim 64): self- and
+# cross-attention (the text's 77 tokens) at 64x64 and 32x32 latents
+ATTENTION_SHAPES = ((2, 10, 4096, 4096), (2, 20, 1024, 1024), (2, 10, 4096, 77), (2, 20, 1024, 77))
+
+
+def attention_row(b, h, m, n, log, d=64, device="cuda", time_fn=None):
+    """One attention from fp16 q, k, v, compiled, us: fp16 SDPA (cuDNN / flash), level 4 as the
+    engine runs it now (fake-quantized q, k, v into fp16 SDPA), and the FP8 Triton kernel (its
+    quantize included); then the kernel alone on e4m3 input per tile. Errors against the reference."""
+    from ..engines import triton_attention
+
+    time_fn = time_fn or time_graph
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, h, length, d, generator=g, device=device).half() for length in (m, n, n))
+    grids = [fp8_scales(t.abs().amax()) for t in (q, k, v)]  # (to_grid, back) per tensor
+    backs = [back for _, back in grids]
+    quantized = [quantize_fp8(t, to_grid) for t, (to_grid, _) in zip((q, k, v), grids)]
+    reference = triton_attention.fp8_attention_reference(*quantized, *backs).float()
+    row = {"shape": [b, h, m, n, d], "tflop": round(4 * b * h * m * n * d / 1e12, 4)}
+
+    def fake_quant(t, to_grid, back):
+        return (quantize_fp8(t, to_grid).float() * back).half()
+
+    paths = {"fp16 sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+             "fp8 fake-quant sdpa": lambda q, k, v: F.scaled_dot_product_attention(
+                 *(fake_quant(t, *grid) for t, grid in zip((q, k, v), grids))),
+             "fp8 triton": lambda q, k, v: triton_attention.fp8_attention(
+                 *(quantize_fp8(t, to_grid) for t, (to_grid, _) in zip((q, k, v), grids)), *backs)}
+    for name, path in paths.items():
+        torch._dynamo.reset()
+        compiled = torch.compile(path)
+        with torch.no_grad():
+            out = compiled(q, k, v)
+            row[f"{name} us"] = round(time_fn(lambda: compiled(q, k, v)), 2)
+        row[f"{name} rel_err"] = round(float((out.float() - reference).norm() / reference.norm()), 5)
+    scales = torch.stack([s.float().reshape(()) for s in backs])
+    out = torch.empty(q.shape, device=device, dtype=torch.float16)
+    tiles = triton_attention.SWEEP_TILES if device == "cuda" else [None]
+    row["fp8 triton alone us by tile"] = {}
+    for tile in tiles:
+        key = "default" if tile is None else f"{tile['BLOCK_M']}x{tile['BLOCK_N']}/{tile['num_warps']}/{tile['num_stages']}"
+        try:
+            row["fp8 triton alone us by tile"][key] = round(time_fn(lambda: triton_attention.launch_kernel(
+                *quantized, scales, out, 1 / d ** 0.5, tile)), 2)
+        except Exception as e:  # e.g. out of shared memory
+            row["fp8 triton alone us by tile"][key] = f"{type(e).__name__}: {str(e)[:100]}"
+    log(json.dumps(row))
+    return row
+
+
 def conv_tiles(xq, wq, scale, geometry, time_fn):
     """Microseconds of the implicit conv kernel alone (8-bit input) per tile of triton_conv.SWEEP_CONFIGS,
     keyed "BLOCK_MxBLOCK_NxBLOCK_K/warps/stages"."""
@@ -324,6 +374,9 @@ def main(argv=None):
     parser.add_argument("--convs", action="store_true",
                         help="instead: time SDXL's 3x3 convs from fp16 input: cuDNN fp16, and 8-bit as patch "
                              "matrix + GEMM against the implicit-GEMM Triton conv")
+    parser.add_argument("--attention", action="store_true",
+                        help="instead: time SDXL's attention shapes: fp16 SDPA, level 4's fake-quant SDPA and "
+                             "the FP8 Triton attention kernel")
     parser.add_argument("--shapes", type=shape_list, default=SHAPES + SMALL_M_SHAPES, metavar="MxKxN[,MxKxN]",
                         help="the GEMM shapes to time (default: SDXL's, SHAPES and SMALL_M_SHAPES)")
     parser.add_argument("--out", default="gemm_bench.json")
@@ -335,6 +388,11 @@ def main(argv=None):
     if args.patches:
         for channels, side in CONV_INPUTS:
             result["rows"].append(patches_row(channels, side, log))
+            write_json(args.out, result)
+        return result
+    if args.attention:
+        for b, h, m, n in ATTENTION_SHAPES:
+            result["rows"].append(attention_row(b, h, m, n, log))
             write_json(args.out, result)
         return result
     if args.convs:

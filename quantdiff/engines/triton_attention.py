@@ -1,0 +1,119 @@
+"""FP8 attention for quant level 4, as a Triton flash-attention kernel (bench only so far).
+
+Level 4 quantizes q, k and v to fp8 e4m3 with static per-tensor scales; the softmax output stays
+unquantized (ModelOpt's plugin runs plain SDPA on the fake-quantized q, k, v). The torch engine
+so far runs that as quantize-dequantize kernels around cuDNN's fp16 attention, which makes level 4
+slower than level 3 (docs/PERF.md). Here one kernel reads the 8-bit q, k and v: q k^T runs on
+Hopper's fp8 tensor cores (products of e4m3 values, exact, summed in float32), the online softmax
+in float32, and p v in fp16 (p unquantized, as the fake-quant model has it; v's e4m3 values are
+exact in fp16). Half the bytes of k and v, half the time of the first MMA.
+
+`quantdiff::fp8_attention` is a torch.library.triton_op; `fp8_attention_reference` is its meaning in
+plain PyTorch, and CPU tests run the kernel in Triton's interpreter against it. `python -m
+quantdiff.bench.gemm --attention` times it against cuDNN's fp16 attention on SDXL's shapes.
+"""
+import math
+
+import torch
+
+from quantdiff.engines.triton_gemm import interpreting, triton
+
+
+def fp8_attention_reference(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, out_dtype=torch.float16):
+    """softmax(q k^T * softmax_scale) v on the dequantized (b, h, len, d) e4m3 tensors, in float32."""
+    softmax_scale = 1 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    q, k, v = (t.float() * s.float() for t, s in ((q, q_scale), (k, k_scale), (v, v_scale)))
+    weights = torch.softmax(q @ k.transpose(-1, -2) * softmax_scale, dim=-1)
+    return (weights @ v).to(out_dtype)
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, scales_ptr, out_ptr, H, M, N, softmax_scale,
+                              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # program (query block, batch * head); head_dim contiguous in every tensor
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rd = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + rm[:, None] * stride_qm + rd[None, :],
+                    mask=(rm < M)[:, None], other=0.0)
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+        # q's and k's scales and the softmax scale fold into one factor, in base 2 for exp2
+        qk_scale = tl.load(scales_ptr) * tl.load(scales_ptr + 1) * softmax_scale * 1.4426950408889634
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        for start in range(0, N, BLOCK_N):
+            rn = start + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            # k as a (head_dim, BLOCK_N) tile, head_dim contiguous: both fp8 operands k-major, as wgmma wants
+            kt = tl.load(k_base + rn[None, :] * stride_kn + rd[:, None], mask=n_ok[None, :], other=0.0)
+            s = tl.dot(q, kt, out_dtype=tl.float32) * qk_scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + rn[:, None] * stride_vn + rd[None, :], mask=n_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16), out_dtype=tl.float32)
+            m_i = m_new
+        out = acc / l_i[:, None] * tl.load(scales_ptr + 2)
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rm[:, None] * stride_om + rd[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None])
+
+    TILE = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    # the tiles `bench.gemm --attention` times, alone
+    SWEEP_TILES = [TILE, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+                   {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
+                   {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+                   {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}]
+    INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+    def launch_kernel(q, k, v, scales, out, softmax_scale, tile=None):
+        """Fills `out` (b, h, m, d) from the e4m3 (b, h, len, d) q, k, v; scales: float32 [q, k, v]."""
+        from torch.library import wrap_triton
+
+        b, h, m, d = q.shape
+        tile = tile or (INTERPRETER_TILE if interpreting() else TILE)
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]), b * h)
+
+        args = (q, k, v, scales, out, h, m, k.shape[2], float(softmax_scale), *q.stride()[:3], *k.stride()[:3],
+                *v.stride()[:3], *out.stride()[:3])
+        kernel = _fp8_attention_kernel if interpreting() else wrap_triton(_fp8_attention_kernel)
+        kernel[grid](*args, HEAD_DIM=d, **tile)
+        return out
+
+    @torch.library.triton_op("quantdiff::fp8_attention", mutates_args=())
+    def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor,
+                         softmax_scale: float) -> torch.Tensor:
+        out = torch.empty(q.shape, device=q.device, dtype=torch.float16)
+        return launch_kernel(q, k, v, scales, out, softmax_scale)
+
+
+def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None):
+    """fp8_attention_reference's result (fp16) through the Triton kernel: the custom op on the GPU,
+    the kernel itself under the interpreter. q, k, v: e4m3 (b, h, len, d), head_dim a power of 2
+    of at least 16 (the MMA's k), contiguous along it; the scales per tensor."""
+    if triton is None:
+        raise RuntimeError("fp8_attention needs the triton package")
+    d = q.shape[-1]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"fp8_attention takes a head_dim that is a power of 2 from 16 (got {d})")
+    if any(t.dtype != torch.float8_e4m3fn for t in (q, k, v)):
+        raise ValueError("fp8_attention takes float8_e4m3fn q, k and v")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scales = torch.stack([s.float().reshape(()) for s in (q_scale, k_scale, v_scale)])
+    softmax_scale = 1 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    if q.is_cuda:
+        return torch.ops.quantdiff.fp8_attention(q, k, v, scales, softmax_scale)
+    if not interpreting():
+        raise RuntimeError("fp8_attention runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
+    return launch_kernel(q, k, v, scales, torch.empty(q.shape, dtype=torch.float16), softmax_scale)

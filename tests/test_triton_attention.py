@@ -1,0 +1,68 @@
+"""The FP8 attention kernel of quant level 4 (engines/triton_attention.py) in Triton's interpreter on
+the CPU, against its plain-PyTorch meaning: SDPA on the dequantized e4m3 q, k and v."""
+import pytest
+import torch
+
+from quantdiff.engines import triton_attention as ta
+from quantdiff.quant.grids import fp8_scales, quantize_fp8
+
+
+def fp8_qkv(b, h, m, n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(b, h, length, d, generator=g) * scale for length, scale in ((m, 2.0), (n, 1.5), (n, 1.0))]
+    out = []
+    for t in tensors:
+        to_grid, back = fp8_scales(t.abs().amax())
+        out += [quantize_fp8(t, to_grid), back]
+    return out[0::2], out[1::2]
+
+
+@pytest.mark.parametrize("m, n", [(40, 40), (37, 77), (16, 5)])  # self-attention, the text's 77 keys, short
+def test_fp8_attention_is_sdpa_on_the_dequantized_tensors(m, n):
+    (q, k, v), scales = fp8_qkv(2, 3, m, n, 32)
+    got = ta.fp8_attention(q, k, v, *scales)
+    want = ta.fp8_attention_reference(q, k, v, *scales)
+    assert got.shape == (2, 3, m, 32) and got.dtype == torch.float16
+    # float32 sums in another order, p cast to fp16 for its MMA (as flash attention does)
+    assert ((got.float() - want.float()).norm() / want.float().norm()) < 2e-3
+    # and the reference is torch's own SDPA on the dequantized tensors
+    deq = [t.float() * s for t, s in zip((q, k, v), scales)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*deq)
+    assert torch.allclose(want.float(), sdpa, rtol=1e-2, atol=1e-2)
+
+
+def test_strided_heads_and_softmax_scale():
+    # q, k, v as diffusers splits them: (b, len, h, d) memory viewed as (b, h, len, d)
+    (q, k, v), scales = fp8_qkv(1, 2, 24, 24, 16, seed=1)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not q.is_contiguous()
+    got = ta.fp8_attention(q, k, v, *scales, softmax_scale=0.3)
+    want = ta.fp8_attention_reference(q, k, v, *scales, softmax_scale=0.3)
+    assert ((got.float() - want.float()).norm() / want.float().norm()) < 2e-3
+
+
+def test_refusals():
+    (q, k, v), scales = fp8_qkv(1, 1, 8, 8, 24)
+    with pytest.raises(ValueError, match="head_dim that is a power of 2 from 16 .got 24."):
+        ta.fp8_attention(q, k, v, *scales)
+    (q, k, v), scales = fp8_qkv(1, 1, 8, 8, 16)
+    with pytest.raises(ValueError, match="float8_e4m3fn q, k and v"):
+        ta.fp8_attention(q.float(), k, v, *scales)
+
+
+def test_kernel_compiles_for_hopper_fp8_tensor_cores():
+    # (without a GPU) q k^T on fp8 wgmma, p v on fp16 wgmma, no Ampere mma.sync
+    from triton_compile import compile_for_hopper
+
+    tile = ta.TILE
+    ptx = compile_for_hopper({
+        "module": "quantdiff.engines.triton_attention", "kernel": "_fp8_attention_kernel",
+        "types": ["*fp8e4nv", "*fp8e4nv", "*fp8e4nv", "*fp32", "*fp16", "i32", "i32", "i32", "fp32"] + ["i32"] * 12,
+        "constexprs": {"HEAD_DIM": 64, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"]},
+        "aligned": ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "stride_qb", "stride_qh", "stride_qm", "stride_kb",
+                    "stride_kh", "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh",
+                    "stride_om"],
+        "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
+    assert any(op.endswith("f32.e4m3.e4m3") for op in ptx["wgmma"]), ptx
+    assert any(op.endswith("f32.f16.f16") for op in ptx["wgmma"]), ptx
+    assert ptx["mma_sync"] == 0, ptx
