@@ -109,7 +109,8 @@ def export_settings(config, model, precision):
 
 def engine_settings(config, model, precision, backend="torch"):
     """What the `backend` engine stage reads: a TensorRT plan does not rebuild for an Inductor setting,
-    nor an fp8 engine for the int8 GEMM kernel, nor an fp16 one for the conv patches' kernel."""
+    nor an fp8 engine for the int8 GEMM kernel, nor an fp16 one for the conv patches' kernel, nor an int8
+    one for the fp8 attention's."""
     engine = merged(config, model, "engine")
     own = {"tensorrt": {"optimization_level": engine["optimization_level"].get(precision, 3),
                         "timing_cache": engine["timing_cache"]},
@@ -118,6 +119,8 @@ def engine_settings(config, model, precision, backend="torch"):
         own["int8_gemm"] = engine["int8_gemm"]
     if backend == "torch" and precision != "fp16":
         own["conv_patches"] = engine["conv_patches"]
+    if backend == "torch" and precision == "fp8":
+        own["fp8_attention"] = engine["fp8_attention"]
     return {"backend": engine["backend"], "batch": engine["batch"], "resolution_range": engine["resolution"], **own,
             "precision": precision, "pipeline": config["models"][model]["pipeline"],
             "resolution": config["models"][model]["resolution"],

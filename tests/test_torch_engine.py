@@ -177,6 +177,34 @@ def test_fp8_attention_matches_modelopt(fp8_pair):
         assert rel_rms(out, expected) < 1e-3, name
 
 
+@torch.no_grad()
+def test_fp8_attention_through_the_triton_kernel(fp8_pair, monkeypatch):
+    """engine.fp8_attention: triton (Triton's interpreter on the CPU here, where the setting otherwise
+    resolves to SDPA): the same attention from the 8-bit q, k and v, up to float32 sums in another
+    order, p in fp16 for its MMA and an fp16 output, which the fp8 output projection re-quantizes:
+    an fp16-sized difference can flip an e4m3 step there (measured 4.2e-3 rms at worst)."""
+    from quantdiff.engines import triton_attention
+
+    _, real, _ = fp8_pair
+    attentions = [(n, m) for n, m in real.named_modules() if isinstance(m.__dict__.get("processor"), qm.QuantAttnProcessor)]
+    assert qm.set_fp8_attention(real, "triton") == len(attentions) == 8
+    calls = []
+    kernel = triton_attention.fp8_attention
+    monkeypatch.setattr(triton_attention, "fp8_attention", lambda *a: calls.append(a) or kernel(*a))
+    try:
+        for i, (name, attn) in enumerate(attentions):
+            x = torch.randn(2, 16, attn.query_dim, generator=torch.Generator().manual_seed(i))
+            context = None if name.endswith("attn1") else torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(i))
+            expected = attn(x, encoder_hidden_states=context)  # on the CPU: SDPA, whatever the setting
+            with monkeypatch.context() as gpu:
+                gpu.setattr(qm, "resolve_fp8_attention", lambda choice, device: choice)  # as on a GPU
+                out = attn(x, encoder_hidden_states=context)
+            assert rel_rms(out, expected) < 1e-2, name
+    finally:
+        qm.set_fp8_attention(real, "sdpa")
+    assert len(calls) == 8 and all(t.dtype == torch.float8_e4m3fn for a in calls for t in a[:3])
+
+
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 @torch.no_grad()
 def test_whole_unet_matches_fake_quant(precision, int8_pair, fp8_pair):
@@ -397,6 +425,16 @@ def test_int8_gemm_refusals_and_the_cpu(monkeypatch):
         gemm8.resolve_int8_gemm("triton", "cuda")
 
 
+def test_fp8_engine_build_records_its_attention(tmp_path, monkeypatch, fp8_pair):
+    """engine.fp8_attention reaches engine_torch.json; on the CPU the attention is SDPA whatever the setting."""
+    monkeypatch.setattr(te.torch._inductor, "aoti_compile_and_package",
+                        lambda program, package_path, inductor_configs: Path(package_path).write_bytes(b"package"))
+    info = te.build_torch_engine(copy.deepcopy(fp8_pair[0]), "fp8", unet_inputs(2, 1), tmp_path / "engine.pt2",
+                                 dynamic=False, log=lambda *_: None, fp8_attention="triton")
+    assert info["fp8_attention"] == {"setting": "triton", "kernel": "sdpa"}
+    assert "int8_gemm" not in info and info["counts"]["attention_fp8"] == 8
+
+
 def test_int8_engine_build_sets_and_records_its_gemm(tmp_path, monkeypatch, int8_pair):
     """engine.int8_gemm and engine.conv_patches reach the 8-bit modules and engine_torch.json; on the
     CPU the kernels are torch._int_mm and Inductor's patches whatever the setting."""
@@ -407,6 +445,7 @@ def test_int8_engine_build_sets_and_records_its_gemm(tmp_path, monkeypatch, int8
                                  log=lambda *_: None, int8_gemm="triton", conv_patches="triton")
     assert info["int8_gemm"] == {"setting": "triton", "kernel": "int_mm"}
     assert info["conv_patches"] == {"setting": "triton", "kernel": "inductor"}
+    assert "fp8_attention" not in info  # an int8 engine has none
     real = copy.deepcopy(int8_pair[1])
     assert qm.set_int8_gemm(real, "int_mm") == len(real_modules(real)) > 0
     assert {m.int8_gemm for _, m in real_modules(real)} == {"int_mm"}
@@ -468,4 +507,21 @@ def test_conv_patches_choice(monkeypatch):
         gemm8.resolve_conv_patches("triton", "cuda")
     with pytest.raises(MissingBackendError, match="engine.conv_patches is implicit, but the triton package"):
         gemm8.resolve_conv_patches("implicit", "cuda")
+
+
+def test_fp8_attention_choice(monkeypatch):
+    from quantdiff.engines import gemm8
+    from quantdiff.errors import MissingBackendError
+
+    assert {gemm8.resolve_fp8_attention(c, "cpu") for c in gemm8.FP8_ATTENTION_CHOICES} == {"sdpa"}
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: True)
+    assert [gemm8.resolve_fp8_attention(c, "cuda") for c in ("sdpa", "triton")] == ["sdpa", "triton"]
+    with pytest.raises(ConfigError, match="fp8 attention 'flash' is not one of sdpa, triton"):
+        gemm8.resolve_fp8_attention("flash", "cpu")
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: False)
+    with pytest.raises(MissingBackendError, match="engine.fp8_attention is triton, but the triton package"):
+        gemm8.resolve_fp8_attention("triton", "cuda")
+    assert gemm8.resolve_kernels("fp8", "cpu", fp8_attention="triton") == {"conv_patches": "inductor",
+                                                                           "fp8_attention": "sdpa"}
+    assert "fp8_attention" not in gemm8.resolve_kernels("int8", "cpu")
     assert gemm8.resolve_conv_patches("auto", "cuda") == "inductor"  # the default never fails for want of triton

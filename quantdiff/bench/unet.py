@@ -188,7 +188,7 @@ def inductor_setting(text):
 
 def main(argv=None):
     from ..device import describe_device, require_cuda, require_fp8
-    from ..engines.gemm8 import resolve_conv_patches, resolve_int8_gemm, resolve_kernels
+    from ..engines.gemm8 import resolve_conv_patches, resolve_fp8_attention, resolve_int8_gemm, resolve_kernels
     from ..engines.qmodules import QuantConv2d, apply_kernels, convert_to_real_quant
     from ..engines.torch import check_inductor_settings, device_layout
     from ..models import arch_unet, unet_example_inputs
@@ -222,15 +222,21 @@ def main(argv=None):
     parser.add_argument("--conv-patches", default="auto", metavar="KERNEL[,KERNEL]",
                         help="who writes the conv GEMMs' patch matrices, each as its own 8-bit variant: "
                              "auto, triton, inductor, as engine.conv_patches")
+    parser.add_argument("--fp8-attention", default="sdpa", metavar="KERNEL[,KERNEL]",
+                        help="who runs fp8 level 4's attention, each as its own fp8 variant: sdpa, triton, as "
+                             "engine.fp8_attention")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
     int8_gemms, conv_patches, conv_modes = args.int8_gemm.split(","), args.conv_patches.split(","), args.conv.split(",")
+    attentions = args.fp8_attention.split(",")
     if not set(conv_modes) <= set(CONV_MODES):
         parser.error(f"--conv {args.conv!r}: each mode is one of {', '.join(CONV_MODES)}")
     for kernel in int8_gemms:  # a bad name stops here, before any GPU work
         resolve_int8_gemm(kernel, "cpu")
     for kernel in conv_patches:
         resolve_conv_patches(kernel, "cpu")
+    for kernel in attentions:
+        resolve_fp8_attention(kernel, "cpu")
     inductor = check_inductor_settings(dict(args.inductor), "--inductor")
     baseline_inductor = check_inductor_settings(dict(args.baseline_inductor), "--baseline-inductor")
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -270,16 +276,18 @@ def main(argv=None):
         convs = [m for m in real.modules() if isinstance(m, QuantConv2d)]
         log(f"{precision}: converted {counts}")
         packaged = " (AOTInductor package)" if args.backend == "aoti" else ""
-        variants = itertools.product(conv_modes, int8_gemms if precision == "int8" else [None], conv_patches)
-        for mode, kernel, patches in variants:
+        variants = itertools.product(conv_modes, int8_gemms if precision == "int8" else [None], conv_patches,
+                                     attentions if precision == "fp8" else [None])
+        several = len(int8_gemms) > 1 or len(conv_patches) > 1 or len(attentions) > 1
+        for mode, kernel, patches, attention in variants:
             for conv in convs:
                 conv.use_gemm = CONV_MODES[mode]
             counts = counts | {"conv_as_gemm": sum(c.runs_as_gemm(on_gpu=True) for c in convs)}
             name = f"torch engine {precision} L{level}{packaged}"
-            kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches)
+            kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches, attention or "sdpa")
             apply_kernels(real, kernels)
-            labels = ([f"conv {mode}"] if len(conv_modes) > 1 else []) + [
-                f"{k} {v}" for k, v in kernels.items() if len(int8_gemms) > 1 or len(conv_patches) > 1]
+            labels = ([f"conv {mode}"] if len(conv_modes) > 1 else []) + [f"{k} {v}" for k, v in kernels.items()
+                                                                          if several]
             if labels:
                 name += " (" + ", ".join(labels) + ")"
             try:

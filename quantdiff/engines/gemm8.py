@@ -16,6 +16,7 @@ from quantdiff.errors import ConfigError, MissingBackendError
 FP8 = torch.float8_e4m3fn
 INT8_GEMM_CHOICES = ("auto", "triton", "int_mm")
 CONV_PATCHES_CHOICES = ("auto", "triton", "inductor", "implicit")
+FP8_ATTENTION_CHOICES = ("sdpa", "triton")
 
 
 def resolve_int8_gemm(choice, device):
@@ -60,12 +61,30 @@ def resolve_conv_patches(choice, device):
     return choice
 
 
-def resolve_kernels(precision, device, int8_gemm="auto", conv_patches="auto"):
+def resolve_fp8_attention(choice, device):
+    """Who runs quant level 4's fp8 attention on `device` (`engine.fp8_attention`): "sdpa" (q, k and
+    v quantized and dequantized around torch's fp16 attention, cuDNN's on the GPU; the CPU always) or
+    "triton" (engines/triton_attention.py reads the 8-bit q, k and v). SDPA stays the default until
+    the kernel is timed on a GPU."""
+    if choice not in FP8_ATTENTION_CHOICES:
+        raise ConfigError(f"fp8 attention {choice!r} is not one of {', '.join(FP8_ATTENTION_CHOICES)}")
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    if choice == "triton" and not triton_gemm.available(device):
+        raise MissingBackendError("engine.fp8_attention is triton, but the triton package is not installed (CUDA "
+                                  "builds of torch bring it); install it or set engine.fp8_attention: sdpa")
+    return choice
+
+
+def resolve_kernels(precision, device, int8_gemm="auto", conv_patches="auto", fp8_attention="sdpa"):
     """The GPU kernels an 8-bit model of `precision` runs on `device`, resolved from their settings:
-    {"conv_patches": ..., and for int8 "int8_gemm": ...}. Raises before any work for one that cannot run."""
+    {"conv_patches": ..., for int8 "int8_gemm": ..., for fp8 "fp8_attention": ...}. Raises before any
+    work for one that cannot run."""
     kernels = {"conv_patches": resolve_conv_patches(conv_patches, device)}
     if precision == "int8":
         kernels["int8_gemm"] = resolve_int8_gemm(int8_gemm, device)
+    if precision == "fp8":
+        kernels["fp8_attention"] = resolve_fp8_attention(fp8_attention, device)
     return kernels
 
 

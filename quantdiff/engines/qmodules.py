@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantdiff.engines.gemm8 import conv2d_as_gemm, fp8_matmul, int8_linear, int8_out_scale, resolve_conv_patches
+from quantdiff.engines.gemm8 import (conv2d_as_gemm, fp8_matmul, int8_linear, int8_out_scale, resolve_conv_patches,
+                                      resolve_fp8_attention)
 from quantdiff.errors import ConfigError
 from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8
 
@@ -264,8 +265,21 @@ class QuantAttnProcessor:
     k_quant, v_quant and softmax_quant so that .to() and state_dict carry them.
     """
 
-    def __init__(self, quantize_softmax=False):
+    def __init__(self, quantize_softmax=False, fp8_attention="sdpa"):
         self.quantize_softmax = quantize_softmax
+        self.fp8_attention = fp8_attention  # gemm8.resolve_fp8_attention; set_fp8_attention sets a whole model
+
+    def runs_fp8_kernel(self, attn, query, attention_mask):
+        """True where the Triton fp8 attention takes this call: fp8 q/k/v quantizers without a
+        pre-quant scale, no mask, no softmax quantizer, a head_dim it handles, on the GPU (where the
+        setting resolves to it)."""
+        from quantdiff.engines import triton_attention
+
+        quants = (attn.q_quant, attn.k_quant, attn.v_quant)
+        return (not self.quantize_softmax and attention_mask is None
+                and all(q.fmt == "fp8" and q.pre_quant_scale is None for q in quants)
+                and triton_attention.supports(query.shape[-1])
+                and resolve_fp8_attention(self.fp8_attention, query.device) == "triton")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -302,6 +316,14 @@ class QuantAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        if self.runs_fp8_kernel(attn, query, attention_mask):
+            from quantdiff.engines.triton_attention import fp8_attention
+
+            quants = (attn.q_quant, attn.k_quant, attn.v_quant)
+            hidden_states = fp8_attention(*(q.quantize(t) for q, t in zip(quants, (query, key, value))),
+                                          *(q.back for q in quants))  # SDPA's default scale, as below
+            return self._finish(attn, hidden_states, batch, head_dim, query.dtype, image_layout, residual,
+                                (channels, height, width) if image_layout else None)
         query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)
         if self.quantize_softmax:
             scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
@@ -311,11 +333,16 @@ class QuantAttnProcessor:
             hidden_states = torch.matmul(probs, value)
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        return self._finish(attn, hidden_states, batch, head_dim, query.dtype, image_layout, residual,
+                            (channels, height, width) if image_layout else None)
 
+    @staticmethod
+    def _finish(attn, hidden_states, batch, head_dim, dtype, image_layout, residual, image_shape):
+        """Heads merged, the output projection, the residual: the same after either attention."""
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(dtype)))
         if image_layout:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, *image_shape)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
@@ -475,12 +502,23 @@ def set_conv_patches(model, kernel):
     return len(convs)
 
 
+def set_fp8_attention(model, kernel):
+    """Every quantized attention of a converted model runs its fp8 attention on `kernel`
+    (gemm8.FP8_ATTENTION_CHOICES; int8 ones ignore it); returns how many were set."""
+    processors = [m.processor for m in model.modules() if isinstance(m.__dict__.get("processor"), QuantAttnProcessor)]
+    for processor in processors:
+        processor.fp8_attention = kernel
+    return len(processors)
+
+
 def apply_kernels(model, kernels):
     """Put resolved kernels (gemm8.resolve_kernels) on every 8-bit module of a converted model."""
     if "conv_patches" in kernels:
         set_conv_patches(model, kernels["conv_patches"])
     if "int8_gemm" in kernels:
         set_int8_gemm(model, kernels["int8_gemm"])
+    if "fp8_attention" in kernels:
+        set_fp8_attention(model, kernels["fp8_attention"])
 
 
 def remaining_modelopt_modules(model):

@@ -98,6 +98,11 @@ if triton is not None:
         return launch_kernel(q, k, v, scales, out, softmax_scale)
 
 
+def supports(head_dim):
+    """True for a head_dim the kernel takes: a power of 2 from 16 (the MMA's k)."""
+    return triton is not None and head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
 def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None):
     """fp8_attention_reference's result (fp16) through the Triton kernel: the custom op on the GPU,
     the kernel itself under the interpreter. q, k, v: e4m3 (b, h, len, d), head_dim a power of 2
@@ -105,7 +110,7 @@ def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None):
     if triton is None:
         raise RuntimeError("fp8_attention needs the triton package")
     d = q.shape[-1]
-    if d < 16 or d & (d - 1):
+    if not supports(d):
         raise ValueError(f"fp8_attention takes a head_dim that is a power of 2 from 16 (got {d})")
     if any(t.dtype != torch.float8_e4m3fn for t in (q, k, v)):
         raise ValueError("fp8_attention takes float8_e4m3fn q, k and v")
