@@ -34,7 +34,8 @@ if triton is not None:
     def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, scales_ptr, out_ptr, H, M, N, softmax_scale,
                               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              EVEN_N: tl.constexpr):
         # program (query block, batch * head); head_dim contiguous in every tensor
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -55,7 +56,8 @@ if triton is not None:
             # k as a (head_dim, BLOCK_N) tile, head_dim contiguous: both fp8 operands k-major, as wgmma wants
             kt = tl.load(k_base + rn[None, :] * stride_kn + rd[:, None], mask=n_ok[None, :], other=0.0)
             s = tl.dot(q, kt, out_dtype=tl.float32) * qk_scale
-            s = tl.where(n_ok[None, :], s, float("-inf"))
+            if not EVEN_N:  # (self-attention's key count is a multiple of the block: no masking there)
+                s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
@@ -88,7 +90,9 @@ if triton is not None:
         args = (q, k, v, scales, out, h, m, k.shape[2], float(softmax_scale), *q.stride()[:3], *k.stride()[:3],
                 *v.stride()[:3], *out.stride()[:3])
         kernel = _fp8_attention_kernel if interpreting() else wrap_triton(_fp8_attention_kernel)
-        kernel[grid](*args, HEAD_DIM=d, **tile)
+        # unmasked keys only for a plain int count (a symbolic one, dynamic resolution, would be guarded)
+        even = isinstance(k.shape[2], int) and k.shape[2] % tile["BLOCK_N"] == 0
+        kernel[grid](*args, HEAD_DIM=d, EVEN_N=even, **tile)
         return out
 
     @torch.library.triton_op("quantdiff::fp8_attention", mutates_args=())
