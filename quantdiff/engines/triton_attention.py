@@ -98,8 +98,14 @@ if triton is not None:
     @torch.library.triton_op("quantdiff::fp8_attention", mutates_args=())
     def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor,
                          softmax_scale: float) -> torch.Tensor:
-        out = torch.empty(q.shape, device=q.device, dtype=torch.float16)
-        return launch_kernel(q, k, v, scales, out, softmax_scale)
+        return launch_kernel(q, k, v, scales, _heads_last_output(q), softmax_scale)
+
+
+def _heads_last_output(q):
+    """An fp16 (b, h, len, d) output stored as (b, len, h, d): merging the heads after it (for the
+    output projection) is then a view, as after cuDNN's attention."""
+    b, h, m, d = q.shape
+    return torch.empty((b, m, h, d), device=q.device, dtype=torch.float16).transpose(1, 2)
 
 
 def supports(head_dim):
@@ -125,4 +131,4 @@ def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None):
         return torch.ops.quantdiff.fp8_attention(q, k, v, scales, softmax_scale)
     if not interpreting():
         raise RuntimeError("fp8_attention runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
-    return launch_kernel(q, k, v, scales, torch.empty(q.shape, dtype=torch.float16), softmax_scale)
+    return launch_kernel(q, k, v, scales, _heads_last_output(q), softmax_scale)
