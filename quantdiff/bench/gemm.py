@@ -312,7 +312,7 @@ def attention_row(b, h, m, n, log, d=64, device="cuda", time_fn=None):
             row[f"{name} us"] = round(time_fn(lambda: compiled(q, k, v)), 2)
         row[f"{name} rel_err"] = round(float((out.float() - reference).norm() / reference.norm()), 5)
     scales = torch.stack([s.float().reshape(()) for s in backs])
-    out = triton_attention._heads_last_output(q)  # as the op writes it
+    out = triton_attention.heads_last_output(q)  # as the op writes it
     tiles = triton_attention.SWEEP_TILES if device == "cuda" else [None]
     row["fp8 triton alone us by tile"] = {}
     for tile in tiles:

@@ -98,10 +98,10 @@ if triton is not None:
     @torch.library.triton_op("quantdiff::fp8_attention", mutates_args=())
     def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor,
                          softmax_scale: float) -> torch.Tensor:
-        return launch_kernel(q, k, v, scales, _heads_last_output(q), softmax_scale)
+        return launch_kernel(q, k, v, scales, heads_last_output(q), softmax_scale)
 
 
-def _heads_last_output(q):
+def heads_last_output(q):
     """An fp16 (b, h, len, d) output stored as (b, len, h, d): merging the heads after it (for the
     output projection) is then a view, as after cuDNN's attention."""
     b, h, m, d = q.shape
@@ -131,4 +131,4 @@ def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None):
         return torch.ops.quantdiff.fp8_attention(q, k, v, scales, softmax_scale)
     if not interpreting():
         raise RuntimeError("fp8_attention runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
-    return launch_kernel(q, k, v, scales, _heads_last_output(q), softmax_scale)
+    return launch_kernel(q, k, v, scales, heads_last_output(q), softmax_scale)
