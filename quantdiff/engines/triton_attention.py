@@ -1,4 +1,5 @@
-"""FP8 attention for quant level 4, as a Triton flash-attention kernel (bench only so far).
+"""FP8 attention for quant level 4, as a Triton flash-attention kernel (opt-in, `engine.fp8_attention:
+triton`, until it is timed on a GPU: it has only run in Triton's interpreter and been compiled for sm_90).
 
 Level 4 quantizes q, k and v to fp8 e4m3 with static per-tensor scales; the softmax output stays
 unquantized (ModelOpt's plugin runs plain SDPA on the fake-quantized q, k, v). The torch engine
@@ -10,7 +11,8 @@ exact in fp16). Half the bytes of k and v, half the time of the first MMA.
 
 `quantdiff::fp8_attention` is a torch.library.triton_op; `fp8_attention_reference` is its meaning in
 plain PyTorch, and CPU tests run the kernel in Triton's interpreter against it. `python -m
-quantdiff.bench.gemm --attention` times it against cuDNN's fp16 attention on SDXL's shapes.
+quantdiff.bench.gemm --attention` times it against cuDNN's fp16 attention on SDXL's shapes, and
+`python -m quantdiff.bench.unet --level 4 --precisions fp8 --fp8-attention sdpa,triton` in the UNet.
 """
 import math
 
