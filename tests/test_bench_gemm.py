@@ -89,13 +89,15 @@ def test_sweep_runs_every_tile_and_form(monkeypatch):
     monkeypatch.setattr(tg, "GEGLU_SWEEP_CONFIGS", tg.GEGLU_SWEEP_CONFIGS[:1])
     monkeypatch.setattr(tg, "SMALL_M_SWEEP_CONFIGS", tg.SMALL_M_SWEEP_CONFIGS[:1])
     monkeypatch.setattr(tg, "SMALL_M_ROWS", 16)
+    monkeypatch.setattr(tg, "TMA_SWEEP_CONFIGS", [tg._config(32, 32, 32, 4, 2)])
     logged = []
     rows = gemm.sweep_shape(24, 64, 64, logged.append) + gemm.sweep_shape(8, 64, 32, logged.append)
     assert all(line.startswith("{") for line in logged), logged  # no config failed
     assert [(r["shape"][0], r["path"], r["config"]["BLOCK_K"]) for r in rows] == [
-        (24, "int8 triton", 64), (24, "int8 triton", 64), (24, "int8 triton geglu", 128),
-        (24, "fp8 triton", 64), (24, "fp8 triton", 64), (24, "fp8 triton geglu", 128),
-        (8, "int8 triton", 128), (8, "fp8 triton", 128)]  # the few-row shape: its own tiles
+        (24, "int8 triton", 64), (24, "int8 triton", 64), (24, "int8 triton tma", 32), (24, "int8 triton geglu", 128),
+        (24, "fp8 triton", 64), (24, "fp8 triton", 64), (24, "fp8 triton tma", 32), (24, "fp8 triton geglu", 128),
+        (8, "int8 triton", 128), (8, "fp8 triton", 128)]  # the few-row shape: its own tiles, no TMA form
+    assert all(r["same_as_cp_async"] for r in rows if r["path"].endswith("tma"))
 
 
 def test_conv_rows_compare_the_8bit_conv_paths(monkeypatch):

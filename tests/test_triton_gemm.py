@@ -157,3 +157,31 @@ def test_kernel_compiles_for_hopper_tensor_cores(fmt, geglu, out_fmt, mma, tiles
         "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
     assert ptx["wgmma"] and all(op.endswith(mma) for op in ptx["wgmma"]), ptx
     assert ptx["mma_sync"] == 0 and ptx["cp_async"] > 0, ptx
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_tma_form_matches_reference(fmt):
+    # the sweep's TMA form (tensor descriptors, edge blocks zero-filled) on ragged m and n
+    a, w, scale = operands(fmt, 37, 64, 45, seed=5)
+    out = torch.empty(37, 40, dtype=torch.float16)
+    tile = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+    tg.launch_tma_kernel(a, w, tg.per_column(scale, 40), out, tile)  # the first 40 of w's 45 rows
+    ref = tg.gemm8_reference(a, w, scale, n=40)
+    assert torch.equal(out, ref) if fmt == "int8" else torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_tma_form_compiles_to_bulk_tensor_copies():
+    # (without a GPU) the descriptors become Hopper's TMA loads feeding the 8-bit wgmma
+    from triton_compile import compile_for_hopper
+
+    tile = tg.tile_kwargs(tg.TILES["int8"])
+    bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+    ptx = compile_for_hopper({
+        "module": "quantdiff.engines.triton_gemm", "kernel": "_gemm8_tma_kernel",
+        "types": [f"tensordesc<i8[{bm}, {bk}]>", f"tensordesc<i8[{bn}, {bk}]>", "*fp32", "*fp16", "*fp16",
+                  "i32", "i32", "i32", "i32"],
+        "constexprs": {"IS_INT": True, "HAS_BIAS": False, **{k: v for k, v in tile.items() if k.isupper()}},
+        "aligned": ["scale_ptr", "out_ptr", "N", "K", "stride_om"],
+        "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
+    assert ptx["wgmma"] and all(op.endswith("s32.s8.s8") for op in ptx["wgmma"]), ptx
+    assert ptx["tma_loads"] > 0, ptx

@@ -197,6 +197,31 @@ def sweep_shape(m, k, n, log):
             rows.append({"shape": [m, k, n], "path": f"{fmt} triton" + (" geglu" if geglu else ""), "config": kwargs,
                          "us": round(us, 2), "tflops": round(2 * m * k * n / us / 1e6, 1)})
             log(json.dumps(rows[-1]))
+        if not geglu and not triton_gemm.small_m(m):
+            rows += tma_rows(m, k, n, fmt, a, p["w"], scale, out, log)
+    return rows
+
+
+def tma_rows(m, k, n, fmt, a, w, scale, out, log):
+    """The same GEMM with TMA loads (triton_gemm.launch_tma_kernel), per tile of TMA_SWEEP_CONFIGS;
+    each output checked against the cp.async kernel's."""
+    rows = []
+    expected = triton_gemm.launch_kernel(a, w, scale, None, None, torch.empty_like(out), n, 0,
+                                         triton_gemm.OUT_FLOAT, -127, triton_gemm.tile_kwargs(triton_gemm.TILES[fmt]))
+    for config in triton_gemm.TMA_SWEEP_CONFIGS:
+        kwargs = triton_gemm.tile_kwargs(config)
+        try:
+            def run():
+                triton_gemm.launch_tma_kernel(a, w, scale, out, kwargs)
+            run()
+            same = bool(torch.allclose(out.float(), expected.float(), rtol=1e-3, atol=1e-3))
+            us = time_graph(run)
+        except Exception as e:  # e.g. Triton without tensor descriptors, or out of shared memory
+            log(f"{m}x{k}x{n} {fmt} tma {kwargs}: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        rows.append({"shape": [m, k, n], "path": f"{fmt} triton tma", "config": kwargs, "us": round(us, 2),
+                     "tflops": round(2 * m * k * n / us / 1e6, 1), "same_as_cp_async": same})
+        log(json.dumps(rows[-1]))
     return rows
 
 

@@ -82,14 +82,19 @@ if triton is not None:
         return tl.where((r - y == 0.5) & (odd != 0.0), r - 1.0, r)
 
     @triton.jit
-    def _tile_rows_cols(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """The output rows and columns of this program's tile. Grouped order: GROUP_M row blocks in
-        turn take each weight column block while it sits in L2."""
+    def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's (row block, column block). Grouped order: GROUP_M row blocks in turn take
+        each weight column block while it sits in L2."""
         pid = tl.program_id(0)
         blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         first_m = (pid // (GROUP_M * blocks_n)) * GROUP_M
         group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
-        pid_m, pid_n = first_m + (pid % group_rows), (pid % (GROUP_M * blocks_n)) // group_rows
+        return first_m + (pid % group_rows), (pid % (GROUP_M * blocks_n)) // group_rows
+
+    @triton.jit
+    def _tile_rows_cols(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """The output rows and columns of this program's tile (_tile_ids' order)."""
+        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
     @triton.jit
@@ -141,6 +146,40 @@ if triton is not None:
         out = y.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
+    @triton.jit
+    def _gemm8_tma_kernel(a_desc, w_desc, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+                          IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # _gemm8_kernel's float-output form with both operands brought in by Hopper's TMA (tensor
+        # descriptors; blocks past the edges arrive as zeros), not per-thread asynchronous copies
+        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        y = _scaled(acc, rn, rn < N, scale_ptr, bias_ptr, HAS_BIAS)
+        tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+    def launch_tma_kernel(a, w, scale, out, tile):
+        """(m, k) @ w[:n]^T * scale (per column) -> out (m, n), through TMA loads. Bench only
+        (`bench.gemm --sweep`): eager, no custom op yet; k must keep rows 16-byte aligned."""
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        (m, k), n = a.shape, out.shape[1]
+        a_desc = TensorDescriptor.from_tensor(a, [tile["BLOCK_M"], tile["BLOCK_K"]])
+        w_desc = TensorDescriptor.from_tensor(w[:n], [tile["BLOCK_N"], tile["BLOCK_K"]])
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        _gemm8_tma_kernel[grid](a_desc, w_desc, scale, out, out, m, n, k, out.stride(0), IS_INT=a.dtype == torch.int8,
+                                HAS_BIAS=False, **tile)
+        return out
+
     def _config(m, n, k, warps, stages, group=8):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group},
                              num_warps=warps, num_stages=stages)
@@ -169,6 +208,9 @@ if triton is not None:
         _config(128, 256, 64, 8, 4), _config(64, 256, 128, 4, 3), _config(128, 128, 128, 8, 5),
         _config(128, 256, 128, 8, 3, group=16), _config(64, 128, 256, 4, 3), _config(128, 128, 64, 8, 6),
         _config(128, 64, 64, 4, 6)]
+    # the tiles the sweep times the TMA form with (launch_tma_kernel)
+    TMA_SWEEP_CONFIGS = [TILES["int8"], _config(128, 256, 64, 8, 4), _config(128, 128, 128, 8, 3),
+                         _config(256, 128, 64, 8, 3), _config(128, 128, 64, 8, 5)]
     # the tiles the sweep times on the few-row shapes (bench.gemm SMALL_M_SHAPES)
     SMALL_M_SWEEP_CONFIGS = [SMALL_M_TILES["int8"], TILES["int8"]] + [
         _config(64, 64, 128, 4, 4), _config(64, 32, 256, 4, 3), _config(64, 64, 64, 4, 5), _config(64, 128, 128, 4, 4),
