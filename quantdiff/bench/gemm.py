@@ -13,6 +13,7 @@ so launch overhead does not count. Each output is checked against the plain-PyTo
 GEMM (float32 on the dequantized values).
 """
 import argparse
+import functools
 import itertools
 import json
 import time
@@ -46,14 +47,24 @@ def gemm_operands(m, k, n, device="cuda", seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(m, k, generator=g, device=device).half()
     w = (torch.randn(n, k, generator=g, device=device) / k ** 0.5).half()
+    return {"x": x, "w16": w, **quantized_operands(x, w)}
+
+
+def quantized_operands(x, w):
+    """{"fp8": ..., "int8": ...}: the activation x's static per-tensor grid (any shape) and the (n, k)
+    weight w on its 8-bit grid (fp8 per tensor, int8 per row), as the torch engine stores them."""
     x_to8, x_back8 = fp8_scales(x.abs().amax())
     w_to8, w_back8 = fp8_scales(w.abs().amax())
     x_toi, _ = int8_scales(x.abs().amax())
     w_toi, w_divi = int8_scales(w.abs().amax(dim=1))
-    return {"x": x, "w16": w,
-            "fp8": {"to_grid": x_to8, "back": x_back8, "w": quantize_fp8(w, w_to8), "w_back": w_back8},
+    return {"fp8": {"to_grid": x_to8, "back": x_back8, "w": quantize_fp8(w, w_to8), "w_back": w_back8},
             "int8": {"to_grid": x_toi, "w": quantize_int8(w, w_toi[:, None]),
-                     "out_scale": int8_out_scale(x_toi, w_divi, n)}}
+                     "out_scale": int8_out_scale(x_toi, w_divi, w.shape[0])}}
+
+
+def column_scale(fmt, p):
+    """What takes an 8-bit GEMM's sums back to float: int8 per column, fp8 one factor."""
+    return p["back"] * p["w_back"] if fmt == "fp8" else p["out_scale"]
 
 
 def fp8_path(x, p):
@@ -175,7 +186,7 @@ def sweep_shape(m, k, n, log):
     for fmt, (geglu, configs) in itertools.product(("int8", "fp8"), forms):
         p = ops[fmt]
         a = (quantize_fp8 if fmt == "fp8" else quantize_int8)(ops["x"], p["to_grid"])
-        scale = (p["back"] * p["w_back"] if fmt == "fp8" else p["out_scale"]).float().expand(n).contiguous()
+        scale = column_scale(fmt, p).float().expand(n).contiguous()
         cols = n // 2 if geglu else n
         out_fmt = {(False, fmt): triton_gemm.OUT_FLOAT, (True, "fp8"): triton_gemm.OUT_FP8,
                    (True, "int8"): triton_gemm.OUT_INT8}[(geglu, fmt)]
@@ -265,20 +276,16 @@ def conv_row(channels, side, out_channels, log, device="cuda", time_fn=None):
            "tflop": round(2 * 2 * side * side * 9 * channels * out_channels / 1e12, 4)}
     reference = F.conv2d(x.float(), weight.float(), None, 1, 1)
     paths = {"fp16 cudnn": lambda x: F.conv2d(x, weight, None, 1, 1)}
+    operands = quantized_operands(x, w)
     for fmt in ("int8", "fp8"):
+        p = operands[fmt]
+        wq, scale = p["w"], column_scale(fmt, p)
+        quantize = functools.partial(quantize_int8 if fmt == "int8" else quantize_fp8, to_grid=p["to_grid"])
         if fmt == "int8":
-            x_to, _ = int8_scales(x.abs().amax())
-            w_to, w_div = int8_scales(w.abs().amax(dim=1))
-            wq, quantize = quantize_int8(w, w_to[:, None]), lambda x, x_to=x_to: quantize_int8(x, x_to)
-            scale = int8_out_scale(x_to, w_div, out_channels)
-            gemm = lambda a, wq=wq, scale=scale: triton_gemm.gemm8(a, wq, scale)  # noqa: E731
+            gemm = functools.partial(triton_gemm.gemm8, w=wq, scale=scale)
         else:
-            x_to, x_back = fp8_scales(x.abs().amax())
-            w_to, w_back = fp8_scales(w.abs().amax())
-            wq, quantize = quantize_fp8(w, w_to), lambda x, x_to=x_to: quantize_fp8(x, x_to)
-            scale = x_back * w_back
-            gemm = lambda a, wq=wq, x_back=x_back, w_back=w_back: fp8_matmul(  # noqa: E731
-                a, wq, x_back, w_back, torch.float16)
+            gemm = functools.partial(fp8_matmul, weight=wq, scale_a=p["back"], scale_b=p["w_back"],
+                                     out_dtype=torch.float16)
 
         def patches_gemm(x, quantize=quantize, gemm=gemm):
             xq = quantize(x)
