@@ -124,7 +124,9 @@ def test_attention_rows_compare_the_level_4_paths(monkeypatch):
     logged = []
     row = gemm.attention_row(1, 2, 24, 40, logged.append, d=16, device="cpu", time_fn=lambda fn: fn() is None or 1.0)
     assert row["shape"] == [1, 2, 24, 40, 16] and len(logged) == 1
-    assert [k[:-3] for k in row if k.endswith(" us")] == ["fp16 sdpa", "fp8 fake-quant sdpa", "fp8 triton"]
+    assert [k[:-3] for k in row if k.endswith(" us")] == ["fp16 sdpa", "fp8 fake-quant sdpa", "fp8 triton",
+                                                           "fp8 triton p e4m3"]
     assert row["fp8 triton rel_err"] < 2e-3 and row["fp8 fake-quant sdpa rel_err"] < 2e-3  # the fp8 model's own
     assert 5e-3 < row["fp16 sdpa rel_err"] < 0.1  # what fp8 q, k, v change
-    assert row["fp8 triton alone us by tile"] == {"default": 1.0}
+    assert 2e-3 < row["fp8 triton p e4m3 rel_err"] < 0.06  # what e4m3 p adds (in the interpreter, see its test)
+    assert row["fp8 triton alone us by tile"] == row["fp8 triton p e4m3 alone us by tile"] == {"default": 1.0}

@@ -97,7 +97,7 @@ def test_kinds_count_the_engines_own_gemm_kernel_once():
 @pytest.mark.parametrize("argv, message", [
     (["--int8-gemm", "triton,cutlass"], "int8 GEMM 'cutlass' is not one of auto, triton, int_mm"),
     (["--conv-patches", "inductor,cudnn"], "conv patches 'cudnn' is not one of auto, triton, inductor, implicit"),
-    (["--fp8-attention", "sdpa,flash"], "fp8 attention 'flash' is not one of sdpa, triton"),
+    (["--fp8-attention", "sdpa,flash"], "fp8 attention 'flash' is not one of sdpa, triton, triton-fp8-probs"),
 ])
 def test_bad_kernel_names_stop_before_anything(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=message):

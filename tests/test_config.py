@@ -56,7 +56,7 @@ def test_alpha_auto_is_valid(config):
     (lambda c: c["export"].update(ort_check="sometimes"), "config key 'export.ort_check': 'sometimes' is not one of"),
     (lambda c: c["engine"].update(int8_gemm="cutlass"), "config key 'engine.int8_gemm': 'cutlass' is not one of ['auto', 'triton', 'int_mm']"),
     (lambda c: c["engine"].update(conv_patches="cudnn"), "config key 'engine.conv_patches': 'cudnn' is not one of ['auto', 'triton', 'inductor', 'implicit']"),
-    (lambda c: c["engine"].update(fp8_attention="flash"), "config key 'engine.fp8_attention': 'flash' is not one of ['sdpa', 'triton']"),
+    (lambda c: c["engine"].update(fp8_attention="flash"), "config key 'engine.fp8_attention': 'flash' is not one of ['sdpa', 'triton', 'triton-fp8-probs']"),
     (lambda c: c["engine"].update(inductor={"max_autotun": True}),
      "config key 'engine.inductor.max_autotun': not a torch._inductor.config setting (torch "),
     (lambda c: c["engine"].update(inductor={"max_autotun": True}), "did you mean 'max_autotune'?"),

@@ -52,19 +52,43 @@ def test_refusals():
         ta.fp8_attention(q.float(), k, v, *scales)
 
 
-def test_kernel_compiles_for_hopper_fp8_tensor_cores():
-    # (without a GPU) q k^T on fp8 wgmma, p v on fp16 wgmma, no Ampere mma.sync
+def test_quantized_probabilities():
+    # both products on fp8: p through e4m3 with the fixed scale 1/448, v read key-major
+    (q, k, v), scales = fp8_qkv(2, 2, 40, 77, 32, seed=2)
+    got = ta.fp8_attention(q, k, v, *scales, quantize_probs=True)
+    want = ta.fp8_attention_reference(q, k, v, *scales, quantize_probs=True)
+    assert got.shape == (2, 2, 40, 32) and got.transpose(1, 2).is_contiguous()
+    # Triton's interpreter (3.8) rounds fp32 to e4m3 without carrying into the exponent (0.4966 ->
+    # 0.25, not 0.5) on a few p values: 2.9% here, where the GPU's conversion matches the reference's
+    # (bench.gemm --attention prints the error there). A wrong scale or v layout is off by far more.
+    assert ((got.float() - want.float()).norm() / want.float().norm()) < 0.04
+    # e4m3's 3 mantissa bits on p: about a percent from the unquantized softmax, not nothing
+    exact = ta.fp8_attention_reference(q, k, v, *scales).float()
+    err = float((want.float() - exact).norm() / exact.norm())
+    assert 5e-3 < err < 0.03, err
+    assert ta.keys_contiguous(v).stride(-2) == 1 and torch.equal(ta.keys_contiguous(v), v)
+
+
+STRIDES = ["stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh",
+           "stride_vn", "stride_vd", "stride_ob", "stride_oh", "stride_om"]
+
+
+@pytest.mark.parametrize("probs_fp8", [False, True])
+def test_kernel_compiles_for_hopper_fp8_tensor_cores(probs_fp8):
+    # (without a GPU) q k^T on fp8 wgmma; p v on fp16 wgmma, or on fp8 with v key-major (its key stride
+    # 1, which a launch specializes); no Ampere mma.sync
     from triton_compile import compile_for_hopper
 
     tile = ta.TILE
+    unit = "stride_vn" if probs_fp8 else "stride_vd"
     ptx = compile_for_hopper({
         "module": "quantdiff.engines.triton_attention", "kernel": "_fp8_attention_kernel",
-        "types": ["*fp8e4nv", "*fp8e4nv", "*fp8e4nv", "*fp32", "*fp16", "i32", "i32", "i32", "fp32"] + ["i32"] * 12,
-        "constexprs": {"HEAD_DIM": 64, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"], "EVEN_N": False},
-        "aligned": ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "stride_qb", "stride_qh", "stride_qm", "stride_kb",
-                    "stride_kh", "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh",
-                    "stride_om"],
+        "types": ["*fp8e4nv", "*fp8e4nv", "*fp8e4nv", "*fp32", "*fp16", "i32", "i32", "i32", "fp32"]
+                 + ["constexpr" if s == unit else "i32" for s in STRIDES],
+        "constexprs": {unit: 1, "HEAD_DIM": 64, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"],
+                       "EVEN_N": False, "PROBS_FP8": probs_fp8},
+        "aligned": ["q_ptr", "k_ptr", "v_ptr", "out_ptr"] + [s for s in STRIDES if s != unit],
         "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
     assert any(op.endswith("f32.e4m3.e4m3") for op in ptx["wgmma"]), ptx
-    assert any(op.endswith("f32.f16.f16") for op in ptx["wgmma"]), ptx
+    assert any(op.endswith("f32.f16.f16") for op in ptx["wgmma"]) != probs_fp8, ptx
     assert ptx["mma_sync"] == 0, ptx

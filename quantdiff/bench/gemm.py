@@ -316,7 +316,8 @@ ATTENTION_SHAPES = ((2, 10, 4096, 4096), (2, 20, 1024, 1024), (2, 10, 4096, 77),
 def attention_row(b, h, m, n, log, d=64, device="cuda", time_fn=None):
     """One attention from fp16 q, k, v, compiled, us: fp16 SDPA (cuDNN / flash), level 4 as the
     engine runs it now (fake-quantized q, k, v into fp16 SDPA), and the FP8 Triton kernel (its
-    quantize included); then the kernel alone on e4m3 input per tile. Errors against the reference."""
+    quantize included), with p v in fp16 and with p in e4m3 too; then the kernel alone on e4m3 input
+    per tile, both ways. Errors against the reference (p unquantized, the fake-quant model's meaning)."""
     from ..engines import triton_attention
 
     time_fn = time_fn or time_graph
@@ -335,7 +336,10 @@ def attention_row(b, h, m, n, log, d=64, device="cuda", time_fn=None):
              "fp8 fake-quant sdpa": lambda q, k, v: F.scaled_dot_product_attention(
                  *(fake_quant(t, *grid) for t, grid in zip((q, k, v), grids))),
              "fp8 triton": lambda q, k, v: triton_attention.fp8_attention(
-                 *(quantize_fp8(t, to_grid) for t, (to_grid, _) in zip((q, k, v), grids)), *backs)}
+                 *(quantize_fp8(t, to_grid) for t, (to_grid, _) in zip((q, k, v), grids)), *backs),
+             "fp8 triton p e4m3": lambda q, k, v: triton_attention.fp8_attention(
+                 *(quantize_fp8(t, to_grid) for t, (to_grid, _) in zip((q, k, v), grids)), *backs,
+                 quantize_probs=True)}
     for name, path in paths.items():
         torch._dynamo.reset()
         compiled = torch.compile(path)
@@ -346,14 +350,16 @@ def attention_row(b, h, m, n, log, d=64, device="cuda", time_fn=None):
     scales = torch.stack([s.float().reshape(()) for s in backs])
     out = triton_attention.heads_last_output(q)  # as the op writes it
     tiles = triton_attention.SWEEP_TILES if device == "cuda" else [None]
-    row["fp8 triton alone us by tile"] = {}
-    for tile in tiles:
-        key = "default" if tile is None else f"{tile['BLOCK_M']}x{tile['BLOCK_N']}/{tile['num_warps']}/{tile['num_stages']}"
-        try:
-            row["fp8 triton alone us by tile"][key] = round(time_fn(lambda: triton_attention.launch_kernel(
-                *quantized, scales, out, 1 / d ** 0.5, tile)), 2)
-        except Exception as e:  # e.g. out of shared memory
-            row["fp8 triton alone us by tile"][key] = f"{type(e).__name__}: {str(e)[:100]}"
+    q8, k8, v8 = quantized
+    for probs, v_layout in ((False, v8), (True, triton_attention.keys_contiguous(v8))):
+        by_tile = row["fp8 triton p e4m3 alone us by tile" if probs else "fp8 triton alone us by tile"] = {}
+        for tile in tiles:
+            key = "default" if tile is None else f"{tile['BLOCK_M']}x{tile['BLOCK_N']}/{tile['num_warps']}/{tile['num_stages']}"
+            try:
+                by_tile[key] = round(time_fn(lambda: triton_attention.launch_kernel(
+                    q8, k8, v_layout, scales, out, 1 / d ** 0.5, tile, quantize_probs=probs)), 2)
+            except Exception as e:  # e.g. out of shared memory
+                by_tile[key] = f"{type(e).__name__}: {str(e)[:100]}"
     log(json.dumps(row))
     return row
 

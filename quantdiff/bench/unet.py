@@ -223,8 +223,8 @@ def main(argv=None):
                         help="who writes the conv GEMMs' patch matrices, each as its own 8-bit variant: "
                              "auto, triton, inductor, as engine.conv_patches")
     parser.add_argument("--fp8-attention", default="sdpa", metavar="KERNEL[,KERNEL]",
-                        help="who runs fp8 level 4's attention, each as its own fp8 variant: sdpa, triton, as "
-                             "engine.fp8_attention")
+                        help="who runs fp8 level 4's attention, each as its own fp8 variant: sdpa, triton, "
+                             "triton-fp8-probs, as engine.fp8_attention")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
     int8_gemms, conv_patches, conv_modes = args.int8_gemm.split(","), args.conv_patches.split(","), args.conv.split(",")

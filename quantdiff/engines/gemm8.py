@@ -16,7 +16,7 @@ from quantdiff.errors import ConfigError, MissingBackendError
 FP8 = torch.float8_e4m3fn
 INT8_GEMM_CHOICES = ("auto", "triton", "int_mm")
 CONV_PATCHES_CHOICES = ("auto", "triton", "inductor", "implicit")
-FP8_ATTENTION_CHOICES = ("sdpa", "triton")
+FP8_ATTENTION_CHOICES = ("sdpa", "triton", "triton-fp8-probs")
 
 
 def resolve_int8_gemm(choice, device):
@@ -63,15 +63,17 @@ def resolve_conv_patches(choice, device):
 
 def resolve_fp8_attention(choice, device):
     """Who runs quant level 4's fp8 attention on `device` (`engine.fp8_attention`): "sdpa" (q, k and
-    v quantized and dequantized around torch's fp16 attention, cuDNN's on the GPU; the CPU always) or
-    "triton" (engines/triton_attention.py reads the 8-bit q, k and v). SDPA stays the default until
-    the kernel is timed on a GPU."""
+    v quantized and dequantized around torch's fp16 attention, cuDNN's on the GPU; the CPU always),
+    "triton" (engines/triton_attention.py reads the 8-bit q, k and v) or "triton-fp8-probs" (the
+    same kernel with the softmax output in e4m3 too, as TensorRT's FP8 attention has it: both
+    products on fp8 tensor cores, an error the fake-quant model does not have). SDPA stays the
+    default until a kernel is timed on a GPU."""
     if choice not in FP8_ATTENTION_CHOICES:
         raise ConfigError(f"fp8 attention {choice!r} is not one of {', '.join(FP8_ATTENTION_CHOICES)}")
     if torch.device(device).type != "cuda":
         return "sdpa"
-    if choice == "triton" and not triton_gemm.available(device):
-        raise MissingBackendError("engine.fp8_attention is triton, but the triton package is not installed (CUDA "
+    if choice != "sdpa" and not triton_gemm.available(device):
+        raise MissingBackendError(f"engine.fp8_attention is {choice}, but the triton package is not installed (CUDA "
                                   "builds of torch bring it); install it or set engine.fp8_attention: sdpa")
     return choice
 

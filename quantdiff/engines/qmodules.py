@@ -279,7 +279,7 @@ class QuantAttnProcessor:
         return (not self.quantize_softmax and attention_mask is None
                 and all(q.fmt == "fp8" and q.pre_quant_scale is None for q in quants)
                 and triton_attention.supports(query.shape[-1])
-                and resolve_fp8_attention(self.fp8_attention, query.device) == "triton")
+                and resolve_fp8_attention(self.fp8_attention, query.device) != "sdpa")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -321,7 +321,8 @@ class QuantAttnProcessor:
 
             quants = (attn.q_quant, attn.k_quant, attn.v_quant)
             hidden_states = fp8_attention(*(q.quantize(t) for q, t in zip(quants, (query, key, value))),
-                                          *(q.back for q in quants))  # SDPA's default scale, as below
+                                          *(q.back for q in quants),  # SDPA's default scale, as below
+                                          quantize_probs=self.fp8_attention == "triton-fp8-probs")
             return self._finish(attn, hidden_states, batch, head_dim, query.dtype, image_layout, residual,
                                 (channels, height, width) if image_layout else None)
         query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)

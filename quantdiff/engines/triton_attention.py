@@ -21,12 +21,24 @@ import torch
 from quantdiff.engines.triton_gemm import interpreting, triton
 
 
-def fp8_attention_reference(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, out_dtype=torch.float16):
-    """softmax(q k^T * softmax_scale) v on the dequantized (b, h, len, d) e4m3 tensors, in float32."""
+# Softmax probabilities lie in [0, 1]: quantized, they take e4m3's whole range with the fixed scale
+# 1/448, as TensorRT's FP8 attention has them.
+PROBS_TO_GRID = 448.0
+
+
+def fp8_attention_reference(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, out_dtype=torch.float16,
+                            quantize_probs=False):
+    """softmax(q k^T * softmax_scale) v on the dequantized (b, h, len, d) e4m3 tensors, in float32;
+    with quantize_probs the softmax output too passes through e4m3 (before the normalization, as the
+    kernel's online softmax has it: the row sums are of the unquantized values)."""
     softmax_scale = 1 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     q, k, v = (t.float() * s.float() for t, s in ((q, q_scale), (k, k_scale), (v, v_scale)))
-    weights = torch.softmax(q @ k.transpose(-1, -2) * softmax_scale, dim=-1)
-    return (weights @ v).to(out_dtype)
+    scores = q @ k.transpose(-1, -2) * softmax_scale
+    unnormalized = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    sums = unnormalized.sum(dim=-1, keepdim=True)
+    if quantize_probs:
+        unnormalized = (unnormalized * PROBS_TO_GRID).to(torch.float8_e4m3fn).float() / PROBS_TO_GRID
+    return (unnormalized @ v / sums).to(out_dtype)
 
 
 if triton is not None:
@@ -35,9 +47,9 @@ if triton is not None:
     @triton.jit
     def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, scales_ptr, out_ptr, H, M, N, softmax_scale,
                               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                              stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om,
                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              EVEN_N: tl.constexpr):
+                              EVEN_N: tl.constexpr, PROBS_FP8: tl.constexpr):
         # program (query block, batch * head); head_dim contiguous in every tensor
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -64,8 +76,12 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + rn[:, None] * stride_vn + rd[None, :], mask=n_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16), out_dtype=tl.float32)
+            v = tl.load(v_base + rn[:, None] * stride_vn + rd[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+            if PROBS_FP8:  # p v on the fp8 tensor cores too: v must then be key-major (stride_vn == 1)
+                pv = tl.dot((p * 448.0).to(tl.float8e4nv), v, out_dtype=tl.float32) * (1 / 448.0)
+            else:
+                pv = tl.dot(p.to(tl.float16), v.to(tl.float16), out_dtype=tl.float32)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / l_i[:, None] * tl.load(scales_ptr + 2)
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rm[:, None] * stride_om + rd[None, :],
@@ -79,8 +95,9 @@ if triton is not None:
                    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}]
     INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}
 
-    def launch_kernel(q, k, v, scales, out, softmax_scale, tile=None):
-        """Fills `out` (b, h, m, d) from the e4m3 (b, h, len, d) q, k, v; scales: float32 [q, k, v]."""
+    def launch_kernel(q, k, v, scales, out, softmax_scale, tile=None, quantize_probs=False):
+        """Fills `out` (b, h, m, d) from the e4m3 (b, h, len, d) q, k, v; scales: float32 [q, k, v].
+        quantize_probs: p v in fp8 as well; v then has its keys contiguous (`keys_contiguous`)."""
         from torch.library import wrap_triton
 
         b, h, m, d = q.shape
@@ -90,17 +107,17 @@ if triton is not None:
             return (triton.cdiv(m, meta["BLOCK_M"]), b * h)
 
         args = (q, k, v, scales, out, h, m, k.shape[2], float(softmax_scale), *q.stride()[:3], *k.stride()[:3],
-                *v.stride()[:3], *out.stride()[:3])
+                *v.stride(), *out.stride()[:3])
         kernel = _fp8_attention_kernel if interpreting() else wrap_triton(_fp8_attention_kernel)
         # unmasked keys only for a plain int count (a symbolic one, dynamic resolution, would be guarded)
         even = isinstance(k.shape[2], int) and k.shape[2] % tile["BLOCK_N"] == 0
-        kernel[grid](*args, HEAD_DIM=d, EVEN_N=even, **tile)
+        kernel[grid](*args, HEAD_DIM=d, EVEN_N=even, PROBS_FP8=quantize_probs, **tile)
         return out
 
     @torch.library.triton_op("quantdiff::fp8_attention", mutates_args=())
     def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor,
-                         softmax_scale: float) -> torch.Tensor:
-        return launch_kernel(q, k, v, scales, heads_last_output(q), softmax_scale)
+                         softmax_scale: float, quantize_probs: bool = False) -> torch.Tensor:
+        return launch_kernel(q, k, v, scales, heads_last_output(q), softmax_scale, quantize_probs=quantize_probs)
 
 
 def heads_last_output(q):
@@ -115,10 +132,17 @@ def supports(head_dim):
     return triton is not None and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
-def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None):
+def keys_contiguous(v):
+    """v (b, h, len, d) laid out with len contiguous, as fp8 p v wants its operand (k-major)."""
+    return v if v.stride(-2) == 1 else v.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, quantize_probs=False):
     """fp8_attention_reference's result (fp16) through the Triton kernel: the custom op on the GPU,
     the kernel itself under the interpreter. q, k, v: e4m3 (b, h, len, d), head_dim a power of 2
-    of at least 16 (the MMA's k), contiguous along it; the scales per tensor."""
+    of at least 16 (the MMA's k); the scales per tensor. quantize_probs: the softmax output in e4m3
+    too, both products on the fp8 tensor cores (not the fake-quant model's semantics: its error is
+    measured, `bench.gemm --attention`)."""
     if triton is None:
         raise RuntimeError("fp8_attention needs the triton package")
     d = q.shape[-1]
@@ -126,11 +150,12 @@ def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None):
         raise ValueError(f"fp8_attention takes a head_dim that is a power of 2 from 16 (got {d})")
     if any(t.dtype != torch.float8_e4m3fn for t in (q, k, v)):
         raise ValueError("fp8_attention takes float8_e4m3fn q, k and v")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    v = keys_contiguous(v) if quantize_probs else v if v.stride(-1) == 1 else v.contiguous()
     scales = torch.stack([s.float().reshape(()) for s in (q_scale, k_scale, v_scale)])
     softmax_scale = 1 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     if q.is_cuda:
-        return torch.ops.quantdiff.fp8_attention(q, k, v, scales, softmax_scale)
+        return torch.ops.quantdiff.fp8_attention(q, k, v, scales, softmax_scale, quantize_probs)
     if not interpreting():
         raise RuntimeError("fp8_attention runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
-    return launch_kernel(q, k, v, scales, heads_last_output(q), softmax_scale)
+    return launch_kernel(q, k, v, scales, heads_last_output(q), softmax_scale, quantize_probs=quantize_probs)
