@@ -89,15 +89,16 @@ def test_kinds_count_the_engines_own_gemm_kernel_once():
               event("triton_poi_fused_mul_0", cuda, 1500, 1500), event("triton_poi_fused_mul_0", cpu, 1500, 0),
               event("aten::_scaled_dot_product_cudnn_attention", cpu, 600, 0), event("Memcpy DtoD", cuda, 300, 300),
               event("_patches_kernel_2", cuda, 1500, 1500), event("_patches_kernel_2", cpu, 1500, 0),
-              event("_conv8_kernel", cuda, 600, 600), event("_conv8_kernel_4", cpu, 600, 0)]
-    assert bench_unet.device_ms_by_kind(events, calls=3) == {"gemm": 4.0, "conv": 0.2, "attention": 0.2,
+              event("_conv8_kernel", cuda, 600, 600), event("_conv8_kernel_4", cpu, 600, 0),
+              event("_fp8_attention_kernel_2", cuda, 900, 900), event("_fp8_attention_kernel_2", cpu, 900, 0)]
+    assert bench_unet.device_ms_by_kind(events, calls=3) == {"gemm": 4.0, "conv": 0.2, "attention": 0.5,
                                                              "triton": 1.0}
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--int8-gemm", "triton,cutlass"], "int8 GEMM 'cutlass' is not one of auto, triton, int_mm"),
     (["--conv-patches", "inductor,cudnn"], "conv patches 'cudnn' is not one of auto, triton, inductor, implicit"),
-    (["--fp8-attention", "sdpa,flash"], "fp8 attention 'flash' is not one of sdpa, triton, triton-fp8-probs"),
+    (["--fp8-attention", "sdpa,flash"], "fp8 attention 'flash' is not one of auto, sdpa, triton, triton-fp8-probs"),
 ])
 def test_bad_kernel_names_stop_before_anything(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=message):

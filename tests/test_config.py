@@ -56,7 +56,7 @@ def test_alpha_auto_is_valid(config):
     (lambda c: c["export"].update(ort_check="sometimes"), "config key 'export.ort_check': 'sometimes' is not one of"),
     (lambda c: c["engine"].update(int8_gemm="cutlass"), "config key 'engine.int8_gemm': 'cutlass' is not one of ['auto', 'triton', 'int_mm']"),
     (lambda c: c["engine"].update(conv_patches="cudnn"), "config key 'engine.conv_patches': 'cudnn' is not one of ['auto', 'triton', 'inductor', 'implicit']"),
-    (lambda c: c["engine"].update(fp8_attention="flash"), "config key 'engine.fp8_attention': 'flash' is not one of ['sdpa', 'triton', 'triton-fp8-probs']"),
+    (lambda c: c["engine"].update(fp8_attention="flash"), "config key 'engine.fp8_attention': 'flash' is not one of ['auto', 'sdpa', 'triton', 'triton-fp8-probs']"),
     (lambda c: c["engine"].update(inductor={"max_autotun": True}),
      "config key 'engine.inductor.max_autotun': not a torch._inductor.config setting (torch "),
     (lambda c: c["engine"].update(inductor={"max_autotun": True}), "did you mean 'max_autotune'?"),
@@ -112,7 +112,7 @@ def test_int8_gemm_setting_reaches_only_int8_torch_engines(config):
     assert engine_settings(validated, "tiny-xl", "fp8")["conv_patches"] == "auto"
     assert "conv_patches" not in engine_settings(validated, "tiny-xl", "fp16")
     # and the fp8 attention's to fp8 ones only
-    assert engine_settings(validated, "tiny-xl", "fp8")["fp8_attention"] == "sdpa"
+    assert engine_settings(validated, "tiny-xl", "fp8")["fp8_attention"] == "auto"
     assert "fp8_attention" not in engine_settings(validated, "tiny-xl", "int8")
 
 

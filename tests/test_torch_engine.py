@@ -520,8 +520,8 @@ def test_fp8_attention_choice(monkeypatch):
     assert {gemm8.resolve_fp8_attention(c, "cpu") for c in gemm8.FP8_ATTENTION_CHOICES} == {"sdpa"}
     monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: True)
     assert [gemm8.resolve_fp8_attention(c, "cuda") for c in gemm8.FP8_ATTENTION_CHOICES] == [
-        "sdpa", "triton", "triton-fp8-probs"]
-    with pytest.raises(ConfigError, match="fp8 attention 'flash' is not one of sdpa, triton, triton-fp8-probs"):
+        "triton", "sdpa", "triton", "triton-fp8-probs"]
+    with pytest.raises(ConfigError, match="fp8 attention 'flash' is not one of auto, sdpa, triton, triton-fp8-probs"):
         gemm8.resolve_fp8_attention("flash", "cpu")
     monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: False)
     with pytest.raises(MissingBackendError, match="engine.fp8_attention is triton, but the triton package"):
@@ -531,4 +531,5 @@ def test_fp8_attention_choice(monkeypatch):
     assert gemm8.resolve_kernels("fp8", "cpu", fp8_attention="triton") == {"conv_patches": "inductor",
                                                                            "fp8_attention": "sdpa"}
     assert "fp8_attention" not in gemm8.resolve_kernels("int8", "cpu")
-    assert gemm8.resolve_conv_patches("auto", "cuda") == "inductor"  # the default never fails for want of triton
+    assert gemm8.resolve_conv_patches("auto", "cuda") == "inductor"  # the defaults never fail for want of triton
+    assert gemm8.resolve_fp8_attention("auto", "cuda") == "sdpa"

@@ -29,12 +29,13 @@ OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "ate
             "aten::_int_mm": "gemm", "aten::convolution": "conv"}
 # --conv: QuantConv2d.use_gemm (None: where it pays, QuantConv2d.runs_as_gemm)
 CONV_MODES = {"auto": None, "gemm": True, "float": False}
-# GPU kernels by name: the engine's Triton GEMM (engines/triton_gemm.py; Inductor may suffix it) and
-# conv (engines/triton_conv.py, counted with the convolutions), the patch-matrix copy
-# (engines/triton_patches.py, counted with the other Triton kernels) and Inductor's generated ones.
-# A CPU-side range of the same name nests them, so only GPU events count.
-OWN_KERNELS = (("_gemm8_kernel", "gemm"), ("_conv8_kernel", "conv"), ("_patches_kernel", "triton"),
-               ("triton_", "triton"))
+# GPU kernels by name: the engine's Triton GEMM (engines/triton_gemm.py; Inductor may suffix it),
+# conv (engines/triton_conv.py, counted with the convolutions) and fp8 attention
+# (engines/triton_attention.py), the patch-matrix copy (engines/triton_patches.py, counted with the
+# other Triton kernels) and Inductor's generated ones. A CPU-side range of the same name nests them,
+# so only GPU events count.
+OWN_KERNELS = (("_gemm8_kernel", "gemm"), ("_conv8_kernel", "conv"), ("_fp8_attention_kernel", "attention"),
+               ("_patches_kernel", "triton"), ("triton_", "triton"))
 
 
 def relative_error(reference, test):
@@ -222,8 +223,8 @@ def main(argv=None):
     parser.add_argument("--conv-patches", default="auto", metavar="KERNEL[,KERNEL]",
                         help="who writes the conv GEMMs' patch matrices, each as its own 8-bit variant: "
                              "auto, triton, inductor, as engine.conv_patches")
-    parser.add_argument("--fp8-attention", default="sdpa", metavar="KERNEL[,KERNEL]",
-                        help="who runs fp8 level 4's attention, each as its own fp8 variant: sdpa, triton, "
+    parser.add_argument("--fp8-attention", default="auto", metavar="KERNEL[,KERNEL]",
+                        help="who runs fp8 level 4's attention, each as its own fp8 variant: auto, sdpa, triton, "
                              "triton-fp8-probs, as engine.fp8_attention")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
@@ -284,7 +285,7 @@ def main(argv=None):
                 conv.use_gemm = CONV_MODES[mode]
             counts = counts | {"conv_as_gemm": sum(c.runs_as_gemm(on_gpu=True) for c in convs)}
             name = f"torch engine {precision} L{level}{packaged}"
-            kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches, attention or "sdpa")
+            kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches, attention or "auto")
             apply_kernels(real, kernels)
             labels = ([f"conv {mode}"] if len(conv_modes) > 1 else []) + [f"{k} {v}" for k, v in kernels.items()
                                                                           if several]

@@ -325,7 +325,7 @@ def device_layout(unet, device):
 
 
 def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None,
-                       inductor=None, int8_gemm="auto", conv_patches="auto", fp8_attention="sdpa"):
+                       inductor=None, int8_gemm="auto", conv_patches="auto", fp8_attention="auto"):
     """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package.
 
     `int8_gemm`, `conv_patches`, `fp8_attention`: the settings of the 8-bit modules' GPU kernels, resolved for the

@@ -60,7 +60,7 @@ if triton is not None:
         k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
         # q's and k's scales and the softmax scale fold into one factor, in base 2 for exp2
-        qk_scale = tl.load(scales_ptr) * tl.load(scales_ptr + 1) * softmax_scale * 1.4426950408889634
+        qk_scale = (tl.load(scales_ptr) * tl.load(scales_ptr + 1) * softmax_scale * 1.4426950408889634).to(tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -87,7 +87,7 @@ if triton is not None:
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rm[:, None] * stride_om + rd[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None])
 
-    TILE = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}  # the best of SWEEP_TILES on the H200
     # the tiles `bench.gemm --attention` times, alone
     SWEEP_TILES = [TILE, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
                    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
