@@ -83,7 +83,9 @@ def test_kernel_compiles_for_hopper_fp8_tensor_cores(probs_fp8):
     unit = "stride_vn" if probs_fp8 else "stride_vd"
     ptx = compile_for_hopper({
         "module": "quantdiff.engines.triton_attention", "kernel": "_fp8_attention_kernel",
-        "types": ["*fp8e4nv", "*fp8e4nv", "*fp8e4nv", "*fp32", "*fp16", "i32", "i32", "i32", "fp32"]
+        # the softmax scale as fp64: Inductor passes a Python float so (a float64 running maximum failed
+        # the kernel's first compile on the H200)
+        "types": ["*fp8e4nv", "*fp8e4nv", "*fp8e4nv", "*fp32", "*fp16", "i32", "i32", "i32", "fp64"]
                  + ["constexpr" if s == unit else "i32" for s in STRIDES],
         "constexprs": {unit: 1, "HEAD_DIM": 64, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"],
                        "EVEN_N": False, "PROBS_FP8": probs_fp8},
