@@ -96,7 +96,7 @@ def test_kinds_count_the_engines_own_gemm_kernel_once():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--int8-gemm", "triton,cutlass"], "int8 GEMM 'cutlass' is not one of auto, triton, int_mm"),
+    (["--int8-gemm", "triton,cutlass"], "int8 GEMM 'cutlass' is not one of auto, triton, triton-tma, int_mm"),
     (["--conv-patches", "inductor,cudnn"], "conv patches 'cudnn' is not one of auto, triton, inductor, implicit"),
     (["--fp8-attention", "sdpa,flash"], "fp8 attention 'flash' is not one of auto, sdpa, triton, triton-fp8-probs"),
 ])

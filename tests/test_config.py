@@ -54,7 +54,7 @@ def test_alpha_auto_is_valid(config):
     (lambda c: c["calibration"].update(alpha="magic"), "config key 'calibration.alpha': 'magic' is not valid"),
     (lambda c: c["calibration"].update(alpha=1.5), "config key 'calibration.alpha'"),
     (lambda c: c["export"].update(ort_check="sometimes"), "config key 'export.ort_check': 'sometimes' is not one of"),
-    (lambda c: c["engine"].update(int8_gemm="cutlass"), "config key 'engine.int8_gemm': 'cutlass' is not one of ['auto', 'triton', 'int_mm']"),
+    (lambda c: c["engine"].update(int8_gemm="cutlass"), "config key 'engine.int8_gemm': 'cutlass' is not one of ['auto', 'triton', 'triton-tma', 'int_mm']"),
     (lambda c: c["engine"].update(conv_patches="cudnn"), "config key 'engine.conv_patches': 'cudnn' is not one of ['auto', 'triton', 'inductor', 'implicit']"),
     (lambda c: c["engine"].update(fp8_attention="flash"), "config key 'engine.fp8_attention': 'flash' is not one of ['auto', 'sdpa', 'triton', 'triton-fp8-probs']"),
     (lambda c: c["engine"].update(inductor={"max_autotun": True}),

@@ -406,6 +406,7 @@ def test_inductor_settings_go_to_the_aotinductor_build(tmp_path, monkeypatch):
     ("auto", (8, 0), True, "int_mm"),     # Ampere keeps cuBLASLt's native kernel
     ("auto", (9, 0), False, "int_mm"),
     ("triton", (8, 0), True, "triton"),
+    ("triton-tma", (9, 0), True, "triton-tma"),
     ("int_mm", (9, 0), True, "int_mm"),
 ])
 def test_int8_gemm_kernel_for_a_gpu(monkeypatch, choice, capability, has_triton, kernel):
@@ -421,12 +422,17 @@ def test_int8_gemm_refusals_and_the_cpu(monkeypatch):
     from quantdiff.errors import MissingBackendError
 
     assert {gemm8.resolve_int8_gemm(c, "cpu") for c in gemm8.INT8_GEMM_CHOICES} == {"int_mm"}
-    with pytest.raises(ConfigError, match="int8 GEMM 'cutlass' is not one of auto, triton, int_mm"):
+    with pytest.raises(ConfigError, match="int8 GEMM 'cutlass' is not one of auto, triton, triton-tma, int_mm"):
         gemm8.resolve_int8_gemm("cutlass", "cpu")
     monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: False)
     with pytest.raises(MissingBackendError, match="engine.int8_gemm is triton, but the triton package is not "
                                                   "installed .* or set engine.int8_gemm: int_mm"):
         gemm8.resolve_int8_gemm("triton", "cuda")
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: True)
+    monkeypatch.setattr(gemm8.torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    with pytest.raises(MissingBackendError, match=r"triton-tma, which needs Hopper's TMA .compute capability 9.0 or "
+                                                  r"newer; this GPU has \(8, 9\)."):
+        gemm8.resolve_int8_gemm("triton-tma", "cuda")
 
 
 def test_fp8_engine_build_records_its_attention(tmp_path, monkeypatch, fp8_pair):

@@ -170,18 +170,38 @@ def test_tma_form_matches_reference(fmt):
     assert torch.equal(out, ref) if fmt == "int8" else torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-3)
 
 
+def test_engine_gemm_with_tma_loads(monkeypatch):
+    # gemm8(tma=True), as engine.int8_gemm: triton-tma runs it: the TMA form with bias where the GEMM
+    # fits (more rows than the few-row tile's, rows 16 bytes apart), the cp.async kernel elsewhere;
+    # the same sums either way
+    launched, tma = [], tg.launch_tma_kernel
+    monkeypatch.setattr(tg, "launch_tma_kernel", lambda *a, **kw: launched.append(a[0].shape) or tma(*a, **kw))
+    a, w, scale = operands("int8", 300, 64, 45, seed=6)
+    bias = torch.randn(45).half()
+    out = tg.gemm8(a, w, scale, bias, n=40, tma=True)  # the first 40 of w's 45 rows
+    assert torch.equal(out, tg.gemm8_reference(a, w, scale, bias, n=40)) and launched == [(300, 64)]
+    for fits_not in (operands("int8", 154, 64, 45)[:2],  # few rows: the small tile
+                     operands("int8", 300, 40, 45)[:2],  # rows 40 bytes apart
+                     operands("fp8", 300, 64, 45)[:2]):  # fp8: cuBLASLt's in the engine
+        assert not tg.tma_fits(*fits_not)
+    a, w, scale = operands("int8", 300, 40, 45, seed=7)
+    assert torch.equal(tg.gemm8(a, w, scale, bias, tma=True), tg.gemm8_reference(a, w, scale, bias))
+    assert launched == [(300, 64)]  # the cp.async kernel took that one
+
+
 def test_tma_form_compiles_to_bulk_tensor_copies():
     # (without a GPU) the descriptors become Hopper's TMA loads feeding the 8-bit wgmma
     from triton_compile import compile_for_hopper
 
-    tile = tg.tile_kwargs(tg.TILES["int8"])
+    tile = tg.tile_kwargs(tg.TMA_TILES["int8"])  # the engine's (engine.int8_gemm: triton-tma)
     bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+    assert (bm, bn, bk) == (128, 128, 128)
     ptx = compile_for_hopper({
         "module": "quantdiff.engines.triton_gemm", "kernel": "_gemm8_tma_kernel",
         "types": [f"tensordesc<i8[{bm}, {bk}]>", f"tensordesc<i8[{bn}, {bk}]>", "*fp32", "*fp16", "*fp16",
                   "i32", "i32", "i32", "i32"],
-        "constexprs": {"IS_INT": True, "HAS_BIAS": False, **{k: v for k, v in tile.items() if k.isupper()}},
-        "aligned": ["scale_ptr", "out_ptr", "N", "K", "stride_om"],
+        "constexprs": {"IS_INT": True, "HAS_BIAS": True, **{k: v for k, v in tile.items() if k.isupper()}},
+        "aligned": ["scale_ptr", "bias_ptr", "out_ptr", "N", "K", "stride_om"],
         "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
     assert ptx["wgmma"] and all(op.endswith("s32.s8.s8") for op in ptx["wgmma"]), ptx
     assert ptx["tma_loads"] > 0, ptx

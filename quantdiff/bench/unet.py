@@ -218,8 +218,8 @@ def main(argv=None):
                         metavar="KEY=VALUE", help="the same for the torch.compile fp16 baseline, to compare "
                                                   "like with like")
     parser.add_argument("--int8-gemm", default="auto", metavar="KERNEL[,KERNEL]",
-                        help="int8 GEMM kernels to time, each as its own int8 variant: auto, triton, int_mm "
-                             "(torch._int_mm, cuBLASLt), as engine.int8_gemm")
+                        help="int8 GEMM kernels to time, each as its own int8 variant: auto, triton, triton-tma, "
+                             "int_mm (torch._int_mm, cuBLASLt), as engine.int8_gemm")
     parser.add_argument("--conv-patches", default="auto", metavar="KERNEL[,KERNEL]",
                         help="who writes the conv GEMMs' patch matrices, each as its own 8-bit variant: "
                              "auto, triton, inductor, as engine.conv_patches")

@@ -14,7 +14,7 @@ from quantdiff.engines import triton_gemm
 from quantdiff.errors import ConfigError, MissingBackendError
 
 FP8 = torch.float8_e4m3fn
-INT8_GEMM_CHOICES = ("auto", "triton", "int_mm")
+INT8_GEMM_CHOICES = ("auto", "triton", "triton-tma", "int_mm")
 CONV_PATCHES_CHOICES = ("auto", "triton", "inductor", "implicit")
 FP8_ATTENTION_CHOICES = ("auto", "sdpa", "triton", "triton-fp8-probs")
 
@@ -25,7 +25,9 @@ def resolve_int8_gemm(choice, device):
     H200 (docs/PERF.md, bench.gemm) the Triton GEMM with its dequantize fused took 0.54-0.81 of
     the time of _int_mm (an Ampere kernel there) plus its dequantize, on every SDXL shape. Older
     GPUs keep cuBLASLt, whose int8 kernels are native there (not measured against Triton).
-    Asking for "triton" where it cannot run is an error."""
+    "triton-tma": the same kernel with its operands brought in by TMA (Hopper and newer) where the
+    GEMM fits (triton_gemm.tma_fits): 10-16% faster alone on SDXL's large shapes, not yet timed in
+    a UNet (docs/PERF.md). Asking for a Triton kernel where it cannot run is an error."""
     if choice not in INT8_GEMM_CHOICES:
         raise ConfigError(f"int8 GEMM {choice!r} is not one of {', '.join(INT8_GEMM_CHOICES)}")
     device = torch.device(device)
@@ -34,9 +36,13 @@ def resolve_int8_gemm(choice, device):
     if choice == "auto":
         hopper = torch.cuda.get_device_capability(device) >= (9, 0)
         return "triton" if hopper and triton_gemm.available(device) else "int_mm"
-    if choice == "triton" and not triton_gemm.available(device):
-        raise MissingBackendError("engine.int8_gemm is triton, but the triton package is not installed (CUDA "
+    if choice.startswith("triton") and not triton_gemm.available(device):
+        raise MissingBackendError(f"engine.int8_gemm is {choice}, but the triton package is not installed (CUDA "
                                   "builds of torch bring it); install it or set engine.int8_gemm: int_mm")
+    if choice == "triton-tma" and torch.cuda.get_device_capability(device) < (9, 0):
+        raise MissingBackendError("engine.int8_gemm is triton-tma, which needs Hopper's TMA (compute capability "
+                                  f"9.0 or newer; this GPU has {torch.cuda.get_device_capability(device)}); set "
+                                  "engine.int8_gemm: auto")
     return choice
 
 
@@ -189,13 +195,14 @@ def int8_dequantize(acc, out_scale, bias, dtype):
 def int8_linear(a, w, out_scale, bias, dtype, kernel="auto"):
     """(m, k) int8 @ (n', k)^T int8, dequantized to (m, n) in dtype, n = len(out_scale) <= n'.
 
-    `kernel` (resolve_int8_gemm) "triton": the Triton GEMM, which scales, biases and casts the
+    `kernel` (resolve_int8_gemm) "triton" / "triton-tma": the Triton GEMM, which scales, biases and casts the
     int32 sums in its epilogue; else torch._int_mm, then int8_dequantize. Same value: the int32
     sums are exact either way and the epilogue is the same float32 arithmetic.
     """
     n = out_scale.shape[0]
-    if resolve_int8_gemm(kernel, a.device) == "triton":
-        return triton_gemm.gemm8(a, w, out_scale, bias, n=n, out_dtype=dtype)
+    kernel = resolve_int8_gemm(kernel, a.device)
+    if kernel.startswith("triton"):
+        return triton_gemm.gemm8(a, w, out_scale, bias, n=n, out_dtype=dtype, tma=kernel == "triton-tma")
     acc = int8_matmul(a, w)
     return int8_dequantize(acc if acc.shape[1] == n else acc[:, :n], out_scale, bias, dtype)
 

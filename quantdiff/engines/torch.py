@@ -351,9 +351,9 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     settings = {"int8_gemm": int8_gemm, "conv_patches": conv_patches, "fp8_attention": fp8_attention}
     for name, kernel in kernels.items():
         info[name] = {"setting": settings[name], "kernel": kernel}
-    if kernels.get("int8_gemm") == "triton":
-        from quantdiff.engines.triton_gemm import SMALL_M_ROWS, SMALL_M_TILES, TILES, tile_kwargs
+    if kernels.get("int8_gemm", "").startswith("triton"):
+        from quantdiff.engines.triton_gemm import SMALL_M_ROWS, SMALL_M_TILES, TILES, TMA_TILES, tile_kwargs
 
-        info["int8_gemm"]["tile"] = tile_kwargs(TILES["int8"])
+        info["int8_gemm"]["tile"] = tile_kwargs((TMA_TILES if kernels["int8_gemm"] == "triton-tma" else TILES)["int8"])
         info["int8_gemm"][f"tile_up_to_{SMALL_M_ROWS}_rows"] = tile_kwargs(SMALL_M_TILES["int8"])
     return info

@@ -9,6 +9,9 @@ cuBLASLt leaves two costs in the UNet's 8-bit linears that a GEMM of our own rem
   reads it back for value * gelu(gate) and the FF-out GEMM's quantize. `gemm8` with a gate
   offset computes the value and gate tiles side by side and writes that 8-bit input directly.
   (Measured no faster than the pair yet, docs/PERF.md: the GEMM bench times it, the engine does not use it.)
+- With `tma`, a float-output int8 GEMM brings its operands in by Hopper's TMA (tensor descriptors)
+  instead of per-thread asynchronous copies: 10-16% faster alone on every large SDXL shape on an
+  H200 (docs/PERF.md), where it also lets a 128-deep k tile win (`engine.int8_gemm: triton-tma`).
 
 The kernel is the custom op `quantdiff::gemm8` (torch.library.triton_op), so torch.compile and
 AOTInductor put it in the compiled graph (AOTInductor packages its compiled kernels).
@@ -164,9 +167,10 @@ if triton is not None:
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=(rm < M)[:, None] & (rn < N)[None, :])
 
-    def launch_tma_kernel(a, w, scale, out, tile):
-        """(m, k) @ w[:n]^T * scale (per column) -> out (m, n), through TMA loads. Bench only
-        (`bench.gemm --sweep`): eager, no custom op yet; k must keep rows 16-byte aligned."""
+    def launch_tma_kernel(a, w, scale, out, tile, bias=None, tuned=None):
+        """(m, k) @ w[:n]^T * scale (per column) [+ bias] -> out (m, n), through TMA loads, with
+        `tile` (launch keywords), or through `tuned`, its one-tile autotuner wrapped for
+        torch.compile (the engine's form). The rows of a and w must start 16 bytes apart (tma_fits)."""
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         (m, k), n = a.shape, out.shape[1]
@@ -176,8 +180,12 @@ if triton is not None:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _gemm8_tma_kernel[grid](a_desc, w_desc, scale, out, out, m, n, k, out.stride(0), IS_INT=a.dtype == torch.int8,
-                                HAS_BIAS=False, **tile)
+        args = (a_desc, w_desc, scale, out if bias is None else bias, out, m, n, k, out.stride(0))
+        flags = {"IS_INT": a.dtype == torch.int8, "HAS_BIAS": bias is not None}
+        if tuned is None:
+            _gemm8_tma_kernel[grid](*args, **flags, **tile)
+        else:
+            tuned[grid](*args, **flags)
         return out
 
     def _config(m, n, k, warps, stages, group=8):
@@ -208,8 +216,11 @@ if triton is not None:
         _config(128, 256, 64, 8, 4), _config(64, 256, 128, 4, 3), _config(128, 128, 128, 8, 5),
         _config(128, 256, 128, 8, 3, group=16), _config(64, 128, 256, 4, 3), _config(128, 128, 64, 8, 6),
         _config(128, 64, 64, 4, 6)]
+    # The TMA form's int8 tile: 128x128x128 with 8 warps and 3 stages was the fastest of the sweep's
+    # five on all five large SDXL shapes on an H200 (docs/PERF.md). (fp8 GEMMs stay cuBLASLt's.)
+    TMA_TILES = {"int8": _config(128, 128, 128, 8, 3)}
     # the tiles the sweep times the TMA form with (launch_tma_kernel)
-    TMA_SWEEP_CONFIGS = [TILES["int8"], _config(128, 256, 64, 8, 4), _config(128, 128, 128, 8, 3),
+    TMA_SWEEP_CONFIGS = [TILES["int8"], _config(128, 256, 64, 8, 4), TMA_TILES["int8"],
                          _config(256, 128, 64, 8, 3), _config(128, 128, 64, 8, 5)]
     # the tiles the sweep times on the few-row shapes (bench.gemm SMALL_M_SHAPES)
     SMALL_M_SWEEP_CONFIGS = [SMALL_M_TILES["int8"], TILES["int8"]] + [
@@ -226,6 +237,7 @@ if triton is not None:
     # under torch.compile and AOTInductor on the H200.
     _gemm8_tiled = {(fmt, small): triton.autotune(configs=[tile], key=[])(_gemm8_kernel)
                     for small, tiles in ((False, TILES), (True, SMALL_M_TILES)) for fmt, tile in tiles.items()}
+    _gemm8_tma_tiled = triton.autotune(configs=[TMA_TILES["int8"]], key=[])(_gemm8_tma_kernel)
 
     def small_m(m):
         """True for a GEMM of few rows (SMALL_M_TILES). Only a plain int can be: under a dynamic batch
@@ -238,12 +250,18 @@ if triton is not None:
     # the interpreter runs one small tile on the CPU
     INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
-    def launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, tile=None):
+    def launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, tile=None, tma=False):
         """Runs the kernel into `out` (m, n). `tile`: launch keywords (tile_kwargs) to use instead
-        of the input type's TILES entry (or, for GEGLU, the autotuner's pick)."""
+        of the input type's TILES entry (or, for GEGLU, the autotuner's pick). `tma`: the TMA form
+        where it fits (tma_fits), the cp.async kernel elsewhere."""
         from torch.library import wrap_triton
 
         m, k = a.shape
+        if tma and tile is None and gate_offset == 0 and out_fmt == OUT_FLOAT and tma_fits(a, w):
+            if interpreting():
+                return launch_tma_kernel(a, w, scale, out, INTERPRETER_TILE, bias)
+            return launch_tma_kernel(a, w, scale, out, tile_kwargs(TMA_TILES["int8"]), bias,
+                                     tuned=wrap_triton(_gemm8_tma_tiled))
         args = (a, w, scale, out if bias is None else bias, out if out_grid is None else out_grid, out,
                 m, n, k, gate_offset, a.stride(0), w.stride(0), out.stride(0), float(int8_min))
         flags = {"IS_INT": a.dtype == torch.int8, "HAS_BIAS": bias is not None, "GEGLU": gate_offset > 0,
@@ -265,10 +283,19 @@ if triton is not None:
     @torch.library.triton_op("quantdiff::gemm8", mutates_args=())
     def gemm8_op(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                  out_grid: Optional[torch.Tensor], n: int, gate_offset: int, out_fmt: int, int8_min: float,
-                 out_dtype: torch.dtype) -> torch.Tensor:
+                 out_dtype: torch.dtype, tma: bool = False) -> torch.Tensor:
         dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
         out = torch.empty((a.shape[0], n), device=a.device, dtype=dtype)
-        return launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min)
+        return launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, tma=tma)
+
+
+def tma_fits(a, w):
+    """True where the TMA form can take an int8 GEMM: enough rows for its 128-row tile (a few-row
+    GEMM keeps the small cp.async tile; a symbolic count, dynamic batch, counts as many) and rows
+    of a and w that start 16 bytes apart, as tensor descriptors require (k a multiple of 16: every
+    SDXL linear and conv)."""
+    return (a.dtype == torch.int8 and not small_m(a.shape[0]) and a.stride(1) == 1 and w.stride(1) == 1
+            and a.stride(0) % 16 == 0 and w.stride(0) % 16 == 0)
 
 
 def per_column(scale, n):
@@ -279,9 +306,10 @@ def per_column(scale, n):
 
 
 def gemm8(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=OUT_FLOAT,
-          int8_min=-INT8_MAX, out_dtype=torch.float16):
+          int8_min=-INT8_MAX, out_dtype=torch.float16, tma=False):
     """gemm8_reference's result through the Triton kernel (the custom op on the GPU; the kernel
-    itself under the interpreter, which the op's CPU dispatch would not reach)."""
+    itself under the interpreter, which the op's CPU dispatch would not reach). `tma`: int8 with a
+    float output through the TMA form where it fits (tma_fits)."""
     n = w.shape[0] if n is None else n
     if gate_offset and gate_offset < n:
         raise ValueError(f"gate rows start at {gate_offset}, inside the first {n} rows")
@@ -298,9 +326,9 @@ def gemm8(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=
         bias = bias.contiguous()
     if a.is_cuda:
         return torch.ops.quantdiff.gemm8(a.contiguous(), w, scale, bias, out_grid, n, gate_offset, out_fmt,
-                                         float(int8_min), out_dtype)
+                                         float(int8_min), out_dtype, tma)
     if not interpreting():
         raise RuntimeError("gemm8 runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
     dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
     out = torch.empty((a.shape[0], n), dtype=dtype)
-    return launch_kernel(a.contiguous(), w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min)
+    return launch_kernel(a.contiguous(), w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, tma=tma)
