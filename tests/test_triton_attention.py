@@ -58,15 +58,31 @@ def test_quantized_probabilities():
     got = ta.fp8_attention(q, k, v, *scales, quantize_probs=True)
     want = ta.fp8_attention_reference(q, k, v, *scales, quantize_probs=True)
     assert got.shape == (2, 2, 40, 32) and got.transpose(1, 2).is_contiguous()
-    # Triton's interpreter (3.8) rounds fp32 to e4m3 without carrying into the exponent (0.4966 ->
-    # 0.25, not 0.5) on a few p values: 2.9% here, where the GPU's conversion matches the reference's
-    # (bench.gemm --attention prints the error there). A wrong scale or v layout is off by far more.
-    assert ((got.float() - want.float()).norm() / want.float().norm()) < 0.04
+    # the kernel rounds p relative to the running maximum of the key blocks seen so far, the reference
+    # relative to the row's maximum: the same e4m3 precision, other roundings (0.8% here; a wrong
+    # scale or v layout is off by far more)
+    assert ((got.float() - want.float()).norm() / want.float().norm()) < 0.02
     # e4m3's 3 mantissa bits on p: about a percent from the unquantized softmax, not nothing
     exact = ta.fp8_attention_reference(q, k, v, *scales).float()
     err = float((want.float() - exact).norm() / exact.norm())
     assert 5e-3 < err < 0.03, err
     assert ta.keys_contiguous(v).stride(-2) == 1 and torch.equal(ta.keys_contiguous(v), v)
+
+
+def test_output_on_the_projection_grid():
+    # out_grid: the output in e4m3 on the output projection's grid, heads-last, for it to read as is;
+    # float32 sums in another order flip an occasional element by one e4m3 step
+    (q, k, v), scales = fp8_qkv(2, 2, 40, 77, 32, seed=3)
+    out_grid = torch.tensor(30.0)
+    got = ta.fp8_attention(q, k, v, *scales, out_grid=out_grid)
+    want = ta.fp8_attention_reference(q, k, v, *scales, out_grid=out_grid)
+    assert got.dtype == torch.float8_e4m3fn and got.transpose(1, 2).is_contiguous()
+    assert (got.float() != want.float()).float().mean() < 0.02
+    steps = (got.float() - want.float()).abs() / want.float().abs().clamp(min=2 ** -6)
+    assert steps.max() <= 2 ** -3  # at most one step of e4m3's 3-bit mantissa
+    assert ((got.float() - want.float()).norm() / want.float().norm()) < 5e-3
+    exact = ta.fp8_attention_reference(q, k, v, *scales).float() * out_grid
+    assert ((want.float() - exact).norm() / exact.norm()) < 0.05  # and the grid is the one asked for
 
 
 STRIDES = ["stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh",
@@ -85,10 +101,11 @@ def test_kernel_compiles_for_hopper_fp8_tensor_cores(probs_fp8):
         "module": "quantdiff.engines.triton_attention", "kernel": "_fp8_attention_kernel",
         # the softmax scale as fp64: Inductor passes a Python float so (a float64 running maximum failed
         # the kernel's first compile on the H200)
-        "types": ["*fp8e4nv", "*fp8e4nv", "*fp8e4nv", "*fp32", "*fp16", "i32", "i32", "i32", "fp64"]
+        "types": ["*fp8e4nv", "*fp8e4nv", "*fp8e4nv", "*fp32", "*fp8e4nv" if probs_fp8 else "*fp16", "i32", "i32", "i32",
+                  "fp64"]
                  + ["constexpr" if s == unit else "i32" for s in STRIDES],
         "constexprs": {unit: 1, "HEAD_DIM": 64, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"],
-                       "EVEN_N": False, "PROBS_FP8": probs_fp8},
+                       "EVEN_N": False, "PROBS_FP8": probs_fp8, "OUT_FP8": probs_fp8},
         "aligned": ["q_ptr", "k_ptr", "v_ptr", "out_ptr"] + [s for s in STRIDES if s != unit],
         "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
     assert any(op.endswith("f32.e4m3.e4m3") for op in ptx["wgmma"]), ptx

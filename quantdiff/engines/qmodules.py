@@ -173,13 +173,16 @@ class FP8Linear(nn.Module):
         if self.act.pre_quant_scale is not None:
             x = x * self.act.pre_quant_scale
         lead = x.shape[:-1]
-        xq = self.act.quantize(x.reshape(-1, self.in_features))
+        out = self.from_quantized(self.act.quantize(x.reshape(-1, self.in_features)), x.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def from_quantized(self, xq, dtype):
+        """The (m, out_features) output in dtype from an input (m, in_features) already on this
+        layer's e4m3 grid (self.act.to_grid): what an fp8 producer hands over (fp8 attention)."""
         if self.weight.shape[1] != self.in_features:
             xq = F.pad(xq.view(torch.int8), (0, self.weight.shape[1] - self.in_features)).view(xq.dtype)
-        out = fp8_matmul(xq, self.weight, self.act.back, self.weight_scale, x.dtype, self.bias, self.fast_accum)
-        if out.shape[1] != self.out_features:
-            out = out[:, : self.out_features]
-        return out.reshape(*lead, self.out_features)
+        out = fp8_matmul(xq, self.weight, self.act.back, self.weight_scale, dtype, self.bias, self.fast_accum)
+        return out if out.shape[1] == self.out_features else out[:, : self.out_features]
 
     def dequantized_weight(self, dtype=torch.float32):
         w = self.weight[: self.out_features, : self.in_features]
@@ -316,34 +319,42 @@ class QuantAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        image_shape = (channels, height, width) if image_layout else None
         if self.runs_fp8_kernel(attn, query, attention_mask):
             from quantdiff.engines.triton_attention import fp8_attention
 
             quants = (attn.q_quant, attn.k_quant, attn.v_quant)
+            # an fp8 output projection without smoothing takes the kernel's output on its own grid:
+            # no fp16 write, and no separate quantize kernel between them
+            projection = attn.to_out[0]
+            fused = isinstance(projection, FP8Linear) and projection.act.pre_quant_scale is None
             hidden_states = fp8_attention(*(q.quantize(t) for q, t in zip(quants, (query, key, value))),
                                           *(q.back for q in quants),  # SDPA's default scale, as below
-                                          quantize_probs=self.fp8_attention == "triton-fp8-probs")
-            return self._finish(attn, hidden_states, batch, head_dim, query.dtype, image_layout, residual,
-                                (channels, height, width) if image_layout else None)
-        query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)
-        if self.quantize_softmax:
-            scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            probs = attn.softmax_quant(scores.softmax(dim=-1).to(query.dtype))
-            hidden_states = torch.matmul(probs, value)
+                                          quantize_probs=self.fp8_attention == "triton-fp8-probs",
+                                          out_grid=projection.act.to_grid if fused else None)
+            if fused:
+                merged = hidden_states.transpose(1, 2).reshape(-1, attn.heads * head_dim)  # a view: heads-last
+                projected = projection.from_quantized(merged, query.dtype).reshape(batch, -1, projection.out_features)
+                return self._finish(attn, projected, image_layout, residual, image_shape)
         else:
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        return self._finish(attn, hidden_states, batch, head_dim, query.dtype, image_layout, residual,
-                            (channels, height, width) if image_layout else None)
+            query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)
+            if self.quantize_softmax:
+                scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+                if attention_mask is not None:
+                    scores = scores + attention_mask
+                probs = attn.softmax_quant(scores.softmax(dim=-1).to(query.dtype))
+                hidden_states = torch.matmul(probs, value)
+            else:
+                hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        return self._finish(attn, attn.to_out[0](hidden_states.to(query.dtype)), image_layout, residual, image_shape)
 
     @staticmethod
-    def _finish(attn, hidden_states, batch, head_dim, dtype, image_layout, residual, image_shape):
-        """Heads merged, the output projection, the residual: the same after either attention."""
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(dtype)))
+    def _finish(attn, projected, image_layout, residual, image_shape):
+        """After the output projection (b, len, out): its dropout, the image layout, the residual."""
+        hidden_states = attn.to_out[1](projected)
         if image_layout:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, *image_shape)
+            hidden_states = hidden_states.transpose(-1, -2).reshape(hidden_states.shape[0], *image_shape)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor

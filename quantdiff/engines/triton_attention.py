@@ -11,6 +11,9 @@ exact in fp16). Half the bytes of k and v, half the time of the first MMA. On an
 as cuDNN's fp16 attention alone and took the level 4 step from 27.22 to 26.54 ms (docs/PERF.md).
 With quantize_probs the softmax output passes through e4m3 too and p v runs on fp8 tensor cores, as
 TensorRT's FP8 attention has it: measured no faster, with 2% more error (`triton-fp8-probs`).
+With out_grid the kernel writes its output in e4m3 on the output projection's grid, which that fp8
+linear reads as is (QuantAttnProcessor): half the bytes written, and no quantize kernel between
+them (on the H200 that kernel took 9 us per call after cuDNN's attention; not yet timed fused).
 
 `quantdiff::fp8_attention` is a torch.library.triton_op; `fp8_attention_reference` is its meaning in
 plain PyTorch, and CPU tests run the kernel in Triton's interpreter against it. `python -m
@@ -23,6 +26,7 @@ import math
 import torch
 
 from quantdiff.engines.triton_gemm import interpreting, triton
+from quantdiff.quant.grids import FP8_MAX, quantize_fp8
 
 
 # Softmax probabilities lie in [0, 1] (before the normalization too, relative to the running
@@ -32,10 +36,11 @@ PROBS_TO_GRID = 448.0
 
 
 def fp8_attention_reference(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, out_dtype=torch.float16,
-                            quantize_probs=False):
+                            quantize_probs=False, out_grid=None):
     """softmax(q k^T * softmax_scale) v on the dequantized (b, h, len, d) e4m3 tensors, in float32;
     with quantize_probs the softmax output too passes through e4m3 (before the normalization, as the
-    kernel's online softmax has it: the row sums are of the unquantized values)."""
+    kernel's online softmax has it: the row sums are of the unquantized values). With out_grid (the
+    output projection's input scale) the result is that projection's e4m3 input."""
     softmax_scale = 1 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     q, k, v = (t.float() * s.float() for t, s in ((q, q_scale), (k, k_scale), (v, v_scale)))
     scores = q @ k.transpose(-1, -2) * softmax_scale
@@ -43,20 +48,22 @@ def fp8_attention_reference(q, k, v, q_scale, k_scale, v_scale, softmax_scale=No
     sums = unnormalized.sum(dim=-1, keepdim=True)
     if quantize_probs:
         unnormalized = (unnormalized * PROBS_TO_GRID).to(torch.float8_e4m3fn).float() / PROBS_TO_GRID
-    return (unnormalized @ v / sums).to(out_dtype)
+    out = unnormalized @ v / sums
+    return out.to(out_dtype) if out_grid is None else quantize_fp8(out, out_grid.float())
 
 
 if triton is not None:
     import triton.language as tl
 
     _PROBS_TO_GRID = tl.constexpr(PROBS_TO_GRID)
+    _FP8_MAX = tl.constexpr(FP8_MAX)
 
     @triton.jit
     def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, scales_ptr, out_ptr, H, M, N, softmax_scale,
                               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                               stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om,
                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              EVEN_N: tl.constexpr, PROBS_FP8: tl.constexpr):
+                              EVEN_N: tl.constexpr, PROBS_FP8: tl.constexpr, OUT_FP8: tl.constexpr):
         # program (query block, batch * head); head_dim contiguous in q, k and out, and in v unless
         # PROBS_FP8 (then its keys are)
         bh = tl.program_id(1)
@@ -92,6 +99,8 @@ if triton is not None:
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / l_i[:, None] * tl.load(scales_ptr + 2)
+        if OUT_FP8:  # onto the output projection's e4m3 grid (scales_ptr[3]): it reads 8 bits, not 16
+            out = tl.clamp(out * tl.load(scales_ptr + 3), -_FP8_MAX, _FP8_MAX)
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rm[:, None] * stride_om + rd[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None])
 
@@ -106,8 +115,9 @@ if triton is not None:
     INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}
 
     def launch_kernel(q, k, v, scales, out, softmax_scale, tile=None, quantize_probs=False):
-        """Fills `out` (b, h, m, d) from the e4m3 (b, h, len, d) q, k, v; scales: float32 [q, k, v].
-        quantize_probs: p v in fp8 as well; v then has its keys contiguous (`keys_contiguous`)."""
+        """Fills `out` (b, h, m, d) from the e4m3 (b, h, len, d) q, k, v; scales: float32 [q, k, v],
+        and a fourth, the grid an e4m3 `out` is quantized onto. quantize_probs: p v in fp8 as well; v
+        then has its keys contiguous (`keys_contiguous`)."""
         from torch.library import wrap_triton
 
         b, h, m, d = q.shape
@@ -121,20 +131,22 @@ if triton is not None:
         kernel = _fp8_attention_kernel if interpreting() else wrap_triton(_fp8_attention_kernel)
         # unmasked keys only for a plain int count (a symbolic one, dynamic resolution, would be guarded)
         even = isinstance(k.shape[2], int) and k.shape[2] % tile["BLOCK_N"] == 0
-        kernel[grid](*args, HEAD_DIM=d, EVEN_N=even, PROBS_FP8=quantize_probs, **tile)
+        kernel[grid](*args, HEAD_DIM=d, EVEN_N=even, PROBS_FP8=quantize_probs, OUT_FP8=out.dtype == torch.float8_e4m3fn,
+                     **tile)
         return out
 
     @torch.library.triton_op("quantdiff::fp8_attention", mutates_args=())
     def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor,
-                         softmax_scale: float, quantize_probs: bool = False) -> torch.Tensor:
-        return launch_kernel(q, k, v, scales, heads_last_output(q), softmax_scale, quantize_probs=quantize_probs)
+                         softmax_scale: float, quantize_probs: bool = False, out_fp8: bool = False) -> torch.Tensor:
+        out = heads_last_output(q, torch.float8_e4m3fn if out_fp8 else torch.float16)
+        return launch_kernel(q, k, v, scales, out, softmax_scale, quantize_probs=quantize_probs)
 
 
-def heads_last_output(q):
-    """An fp16 (b, h, len, d) output stored as (b, len, h, d): merging the heads after it (for the
-    output projection) is then a view, as after cuDNN's attention."""
+def heads_last_output(q, dtype=torch.float16):
+    """A (b, h, len, d) output stored as (b, len, h, d): merging the heads after it (for the output
+    projection) is then a view, as after cuDNN's attention."""
     b, h, m, d = q.shape
-    return torch.empty((b, m, h, d), device=q.device, dtype=torch.float16).transpose(1, 2)
+    return torch.empty((b, m, h, d), device=q.device, dtype=dtype).transpose(1, 2)
 
 
 def supports(head_dim):
@@ -147,12 +159,13 @@ def keys_contiguous(v):
     return v if v.stride(-2) == 1 else v.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, quantize_probs=False):
+def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, quantize_probs=False, out_grid=None):
     """fp8_attention_reference's result (fp16) through the Triton kernel: the custom op on the GPU,
     the kernel itself under the interpreter. q, k, v: e4m3 (b, h, len, d), head_dim a power of 2
     of at least 16 (the MMA's k); the scales per tensor. quantize_probs: the softmax output in e4m3
     too, both products on the fp8 tensor cores (not the fake-quant model's semantics: its error is
-    measured, `bench.gemm --attention`)."""
+    measured, `bench.gemm --attention`). out_grid: the output quantized onto that e4m3 grid (the
+    output projection's input scale) and returned as e4m3, so that projection reads 8 bits."""
     if triton is None:
         raise RuntimeError("fp8_attention needs the triton package")
     d = q.shape[-1]
@@ -162,10 +175,13 @@ def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, quanti
         raise ValueError("fp8_attention takes float8_e4m3fn q, k and v")
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     v = keys_contiguous(v) if quantize_probs else v if v.stride(-1) == 1 else v.contiguous()
-    scales = torch.stack([s.float().reshape(()) for s in (q_scale, k_scale, v_scale)])
+    out_fp8 = out_grid is not None
+    scales = torch.stack([s.float().reshape(()) for s in (q_scale, k_scale, v_scale)]
+                         + ([out_grid.float().reshape(())] if out_fp8 else []))
     softmax_scale = 1 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     if q.is_cuda:
-        return torch.ops.quantdiff.fp8_attention(q, k, v, scales, softmax_scale, quantize_probs)
+        return torch.ops.quantdiff.fp8_attention(q, k, v, scales, softmax_scale, quantize_probs, out_fp8)
     if not interpreting():
         raise RuntimeError("fp8_attention runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
-    return launch_kernel(q, k, v, scales, heads_last_output(q), softmax_scale, quantize_probs=quantize_probs)
+    out = heads_last_output(q, torch.float8_e4m3fn if out_fp8 else torch.float16)
+    return launch_kernel(q, k, v, scales, out, softmax_scale, quantize_probs=quantize_probs)
