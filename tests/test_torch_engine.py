@@ -529,8 +529,12 @@ def test_fp8_attention_choice(monkeypatch):
 
     assert {gemm8.resolve_fp8_attention(c, "cpu") for c in gemm8.FP8_ATTENTION_CHOICES} == {"sdpa"}
     monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: True)
+    monkeypatch.setattr(gemm8.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert [gemm8.resolve_fp8_attention(c, "cuda") for c in gemm8.FP8_ATTENTION_CHOICES] == [
         "triton", "sdpa", "triton", "triton-fp8-probs"]
+    monkeypatch.setattr(gemm8.torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert gemm8.resolve_fp8_attention("auto", "cuda") == "sdpa"  # Ada: fp8, but the kernel is untimed there
+    assert gemm8.resolve_fp8_attention("triton", "cuda") == "triton"
     with pytest.raises(ConfigError, match="fp8 attention 'flash' is not one of auto, sdpa, triton, triton-fp8-probs"):
         gemm8.resolve_fp8_attention("flash", "cpu")
     monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: False)

@@ -73,14 +73,16 @@ def resolve_fp8_attention(choice, device):
     "triton" (engines/triton_attention.py reads the 8-bit q, k and v) or "triton-fp8-probs" (the
     same kernel with the softmax output in e4m3 too, as TensorRT's FP8 attention has it: both
     products on fp8 tensor cores, an error the fake-quant model does not have); "auto" is "triton"
-    where the triton package is installed (on the H200 the level 4 step took 26.54 ms with it
-    against 27.22 with SDPA, the same error: docs/PERF.md)."""
+    on Hopper and newer where the triton package is installed (on the H200 the level 4 step took
+    26.54 ms with it against 27.22 with SDPA, the same error: docs/PERF.md), SDPA on older GPUs,
+    where the kernel has not been timed."""
     if choice not in FP8_ATTENTION_CHOICES:
         raise ConfigError(f"fp8 attention {choice!r} is not one of {', '.join(FP8_ATTENTION_CHOICES)}")
     if torch.device(device).type != "cuda":
         return "sdpa"
     if choice == "auto":
-        return "triton" if triton_gemm.available(device) else "sdpa"
+        hopper = torch.cuda.get_device_capability(device) >= (9, 0)
+        return "triton" if hopper and triton_gemm.available(device) else "sdpa"
     if choice != "sdpa" and not triton_gemm.available(device):
         raise MissingBackendError(f"engine.fp8_attention is {choice}, but the triton package is not installed (CUDA "
                                   "builds of torch bring it); install it or set engine.fp8_attention: sdpa")
