@@ -92,7 +92,7 @@ STRIDES = ["stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "str
 @pytest.mark.parametrize("probs_fp8", [False, True])
 def test_kernel_compiles_for_hopper_fp8_tensor_cores(probs_fp8):
     # (without a GPU) q k^T on fp8 wgmma; p v on fp16 wgmma, or on fp8 with v key-major (its key stride
-    # 1, which a launch specializes); no Ampere mma.sync
+    # 1, which a launch specializes) and the output written in e4m3; no Ampere mma.sync
     from triton_compile import compile_for_hopper
 
     tile = ta.TILE
