@@ -75,10 +75,10 @@ def int8_path(x, p):
     return int8_dequantize(int8_matmul(quantize_int8(x, p["to_grid"]), p["w"]), p["out_scale"], None, x.dtype)
 
 
-def triton_path(x, p, fmt):
+def triton_path(x, p, fmt, tma=False):
     quantize = quantize_fp8 if fmt == "fp8" else quantize_int8
     scale = p["back"] * p["w_back"] if fmt == "fp8" else p["out_scale"]
-    return triton_gemm.gemm8(quantize(x, p["to_grid"]), p["w"], scale)
+    return triton_gemm.gemm8(quantize(x, p["to_grid"]), p["w"], scale, tma=tma)
 
 
 def geglu_8bit(y, next_grid, fmt):
@@ -123,7 +123,8 @@ def fp16_geglu(y):
 
 def shape_paths(ops, modes, geglu):
     """(name, mode, fn, fmt) for one shape: fp16 once, each cuBLAS(Lt) 8-bit path per compile mode,
-    and the Triton kernel (its own tiles; Inductor's mode does not change it)."""
+    and the Triton kernel (its own tiles; Inductor's mode does not change it), for int8 also with
+    TMA loads as engine.int8_gemm: triton-tma runs it (the op, compiled; few rows keep cp.async)."""
     grid = {fmt: torch.tensor(g, device=ops["x"].device) for fmt, g in GEGLU_NEXT_GRID.items()}
     if geglu:
         fp16 = lambda x: fp16_geglu(F.linear(x, ops["w16"]))  # noqa: E731
@@ -137,6 +138,8 @@ def shape_paths(ops, modes, geglu):
     paths = [("fp16", "default", fp16, None)] + [(fmt, mode, cublas[fmt], fmt) for mode in modes for fmt in cublas]
     if triton_gemm.available(ops["x"].device):
         paths += [(f"{fmt} triton", "default", own[fmt], fmt) for fmt in own]
+        if not geglu:
+            paths.append(("int8 triton tma", "default", lambda x: triton_path(x, ops["int8"], "int8", tma=True), "int8"))
     return paths
 
 
