@@ -19,6 +19,23 @@ CONV_PATCHES_CHOICES = ("auto", "triton", "inductor", "implicit")
 FP8_ATTENTION_CHOICES = ("auto", "sdpa", "triton", "triton-fp8-probs")
 
 
+def _check_choice(what, choice, choices):
+    if choice not in choices:
+        raise ConfigError(f"{what} {choice!r} is not one of {', '.join(choices)}")
+
+
+def _hopper(device):
+    """Compute capability 9.0 or newer: where the Triton kernels were timed, and where TMA exists."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _require_triton(setting, choice, device, instead):
+    """The error for a Triton kernel asked for by `engine.<setting>` where it cannot run."""
+    if not triton_gemm.available(device):
+        raise MissingBackendError(f"engine.{setting} is {choice}, but the triton package is not installed (CUDA "
+                                  f"builds of torch bring it); install it or set engine.{setting}: {instead}")
+
+
 def resolve_int8_gemm(choice, device):
     """The int8 GEMM kernel for `device` ("triton" or "int_mm", i.e. torch._int_mm; the CPU always
     takes torch._int_mm): `engine.int8_gemm`. "auto" is Triton on Hopper and newer (sm_90+): on an
@@ -28,18 +45,15 @@ def resolve_int8_gemm(choice, device):
     "triton-tma": the same kernel with its operands brought in by TMA (Hopper and newer) where the
     GEMM fits (triton_gemm.tma_fits): 10-16% faster alone on SDXL's large shapes, not yet timed in
     a UNet (docs/PERF.md). Asking for a Triton kernel where it cannot run is an error."""
-    if choice not in INT8_GEMM_CHOICES:
-        raise ConfigError(f"int8 GEMM {choice!r} is not one of {', '.join(INT8_GEMM_CHOICES)}")
+    _check_choice("int8 GEMM", choice, INT8_GEMM_CHOICES)
     device = torch.device(device)
     if device.type != "cuda":
         return "int_mm"
     if choice == "auto":
-        hopper = torch.cuda.get_device_capability(device) >= (9, 0)
-        return "triton" if hopper and triton_gemm.available(device) else "int_mm"
-    if choice.startswith("triton") and not triton_gemm.available(device):
-        raise MissingBackendError(f"engine.int8_gemm is {choice}, but the triton package is not installed (CUDA "
-                                  "builds of torch bring it); install it or set engine.int8_gemm: int_mm")
-    if choice == "triton-tma" and torch.cuda.get_device_capability(device) < (9, 0):
+        return "triton" if _hopper(device) and triton_gemm.available(device) else "int_mm"
+    if choice.startswith("triton"):
+        _require_triton("int8_gemm", choice, device, "int_mm")
+    if choice == "triton-tma" and not _hopper(device):
         raise MissingBackendError("engine.int8_gemm is triton-tma, which needs Hopper's TMA (compute capability "
                                   f"9.0 or newer; this GPU has {torch.cuda.get_device_capability(device)}); set "
                                   "engine.int8_gemm: auto")
@@ -55,15 +69,13 @@ def resolve_conv_patches(choice, device):
     specific to Hopper, so older GPUs take it too (not measured there). "implicit" writes no patch
     matrix: the Triton conv kernel of engines/triton_conv.py reads the windows from the image
     (convs whose channels it does not fit keep the Triton copy)."""
-    if choice not in CONV_PATCHES_CHOICES:
-        raise ConfigError(f"conv patches {choice!r} is not one of {', '.join(CONV_PATCHES_CHOICES)}")
+    _check_choice("conv patches", choice, CONV_PATCHES_CHOICES)
     if torch.device(device).type != "cuda":
         return "inductor"
     if choice == "auto":
         return "triton" if triton_gemm.available(device) else "inductor"
-    if choice in ("triton", "implicit") and not triton_gemm.available(device):
-        raise MissingBackendError(f"engine.conv_patches is {choice}, but the triton package is not installed "
-                                  "(CUDA builds of torch bring it); install it or set engine.conv_patches: inductor")
+    if choice in ("triton", "implicit"):
+        _require_triton("conv_patches", choice, device, "inductor")
     return choice
 
 
@@ -76,16 +88,13 @@ def resolve_fp8_attention(choice, device):
     on Hopper and newer where the triton package is installed (on the H200 the level 4 step took
     26.54 ms with it against 27.22 with SDPA, the same error: docs/PERF.md), SDPA on older GPUs,
     where the kernel has not been timed."""
-    if choice not in FP8_ATTENTION_CHOICES:
-        raise ConfigError(f"fp8 attention {choice!r} is not one of {', '.join(FP8_ATTENTION_CHOICES)}")
+    _check_choice("fp8 attention", choice, FP8_ATTENTION_CHOICES)
     if torch.device(device).type != "cuda":
         return "sdpa"
     if choice == "auto":
-        hopper = torch.cuda.get_device_capability(device) >= (9, 0)
-        return "triton" if hopper and triton_gemm.available(device) else "sdpa"
-    if choice != "sdpa" and not triton_gemm.available(device):
-        raise MissingBackendError(f"engine.fp8_attention is {choice}, but the triton package is not installed (CUDA "
-                                  "builds of torch bring it); install it or set engine.fp8_attention: sdpa")
+        return "triton" if _hopper(device) and triton_gemm.available(device) else "sdpa"
+    if choice != "sdpa":
+        _require_triton("fp8_attention", choice, device, "sdpa")
     return choice
 
 
