@@ -24,6 +24,7 @@ quantdiff.bench.gemm --attention` times it against cuDNN's fp16 attention on SDX
 import math
 
 import torch
+import torch.nn.functional as F
 
 from quantdiff.engines.triton_gemm import interpreting, triton
 from quantdiff.quant.grids import FP8_MAX, quantize_fp8
@@ -149,9 +150,19 @@ def heads_last_output(q, dtype=torch.float16):
     return torch.empty((b, m, h, d), device=q.device, dtype=dtype).transpose(1, 2)
 
 
+# Hopper's fp8 MMA takes a k of at least 32: q k^T over a head_dim of 16 does not compile for sm_90
+# (tiny-xl's, on the H200: docs/PERF.md), so a smaller head_dim is zero-padded to it (adding nothing)
+MIN_MMA_K = 32
+
+
 def supports(head_dim):
-    """True for a head_dim the kernel takes: a power of 2 from 16 (the MMA's k)."""
+    """True for a head_dim the kernel takes: a power of 2 from 16 (below MIN_MMA_K, padded)."""
     return triton is not None and head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
+def _pad_head_dim(t, d):
+    """An e4m3 (b, h, len, d') zero-padded to head_dim d (F.pad has no fp8 kernel: through int8)."""
+    return F.pad(t.view(torch.int8), (0, d - t.shape[-1])).view(t.dtype)
 
 
 def keys_contiguous(v):
@@ -162,7 +173,7 @@ def keys_contiguous(v):
 def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, quantize_probs=False, out_grid=None):
     """fp8_attention_reference's result (fp16) through the Triton kernel: the custom op on the GPU,
     the kernel itself under the interpreter. q, k, v: e4m3 (b, h, len, d), head_dim a power of 2
-    of at least 16 (the MMA's k); the scales per tensor. quantize_probs: the softmax output in e4m3
+    of at least 16 (padded to MIN_MMA_K); the scales per tensor. quantize_probs: the softmax output in e4m3
     too, both products on the fp8 tensor cores (not the fake-quant model's semantics: its error is
     measured, `bench.gemm --attention`). out_grid: the output quantized onto that e4m3 grid (the
     output projection's input scale) and returned as e4m3, so that projection reads 8 bits."""
@@ -179,9 +190,15 @@ def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, quanti
     scales = torch.stack([s.float().reshape(()) for s in (q_scale, k_scale, v_scale)]
                          + ([out_grid.float().reshape(())] if out_fp8 else []))
     softmax_scale = 1 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    if d < MIN_MMA_K:
+        q, k, v = (_pad_head_dim(t, MIN_MMA_K) for t in (q, k, v))
+        if quantize_probs:
+            v = keys_contiguous(v)
     if q.is_cuda:
-        return torch.ops.quantdiff.fp8_attention(q, k, v, scales, softmax_scale, quantize_probs, out_fp8)
-    if not interpreting():
+        out = torch.ops.quantdiff.fp8_attention(q, k, v, scales, softmax_scale, quantize_probs, out_fp8)
+    elif interpreting():
+        out = launch_kernel(q, k, v, scales, heads_last_output(q, torch.float8_e4m3fn if out_fp8 else torch.float16),
+                            softmax_scale, quantize_probs=quantize_probs)
+    else:
         raise RuntimeError("fp8_attention runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
-    out = heads_last_output(q, torch.float8_e4m3fn if out_fp8 else torch.float16)
-    return launch_kernel(q, k, v, scales, out, softmax_scale, quantize_probs=quantize_probs)
+    return out[..., :d]
