@@ -119,6 +119,7 @@ def engine_settings(config, model, precision, backend="torch"):
         own["int8_gemm"] = engine["int8_gemm"]
     if backend == "torch" and precision != "fp16":
         own["conv_patches"] = engine["conv_patches"]
+        own["geglu"] = engine["geglu"]
     if backend == "torch" and precision == "fp8":
         own["fp8_attention"] = engine["fp8_attention"]
     return {"backend": engine["backend"], "batch": engine["batch"], "resolution_range": engine["resolution"], **own,

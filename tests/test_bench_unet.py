@@ -90,8 +90,9 @@ def test_kinds_count_the_engines_own_gemm_kernel_once():
               event("aten::_scaled_dot_product_cudnn_attention", cpu, 600, 0), event("Memcpy DtoD", cuda, 300, 300),
               event("_patches_kernel_2", cuda, 1500, 1500), event("_patches_kernel_2", cpu, 1500, 0),
               event("_conv8_kernel", cuda, 600, 600), event("_conv8_kernel_4", cpu, 600, 0),
-              event("_fp8_attention_kernel_2", cuda, 900, 900), event("_fp8_attention_kernel_2", cpu, 900, 0)]
-    assert bench_unet.device_ms_by_kind(events, calls=3) == {"gemm": 4.0, "conv": 0.2, "attention": 0.5,
+              event("_fp8_attention_kernel_2", cuda, 900, 900), event("_fp8_attention_kernel_2", cpu, 900, 0),
+              event("_gemm8_tma_kernel_1", cuda, 1500, 1500), event("_gemm8_tma_kernel_1", cpu, 1500, 0)]
+    assert bench_unet.device_ms_by_kind(events, calls=3) == {"gemm": 4.5, "conv": 0.2, "attention": 0.5,
                                                              "triton": 1.0}
 
 

@@ -215,6 +215,59 @@ def test_fp8_attention_through_the_triton_kernel(fp8_pair, monkeypatch, kernel, 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 @torch.no_grad()
+def test_geglu_feed_forward_through_one_triton_gemm(precision, int8_pair, fp8_pair, monkeypatch):
+    """engine.geglu: triton (Triton's interpreter on the CPU here, where the setting otherwise resolves
+    to inductor): the FF-in GEMM with TMA loads computes value * gelu(gate) and writes it on the
+    FF-out linear's 8-bit grid, its smoothing folded in; the same feed-forward up to that rounding
+    (float32 there, fp16 first in the modules' chain: a value near a grid midpoint lands on the
+    other neighbour: measured at most 7e-5 rms here, none on half the feed-forwards)."""
+    from quantdiff.engines import triton_gemm
+
+    _, real, counts = int8_pair if precision == "int8" else fp8_pair
+    feed_forwards = [m for m in real.modules() if isinstance(m, qm.GEGLUFeedForward)]
+    assert counts["feed_forward_geglu"] == len(feed_forwards) == 4
+    assert qm.set_geglu(real, "triton") == 4
+    launched, launch = [], triton_gemm.launch_tma_kernel
+    monkeypatch.setattr(triton_gemm, "launch_tma_kernel", lambda *a, **kw: launched.append(kw) or launch(*a, **kw))
+    errors = []
+    try:
+        for i, ff in enumerate(feed_forwards):
+            proj, out_linear = ff.projections()
+            if precision == "int8":
+                assert out_linear.act.pre_quant_scale is not None  # SmoothQuant's, folded into the grid
+            x = torch.randn(2, 150, proj.in_features, generator=torch.Generator().manual_seed(i))  # 300 rows: TMA
+            expected = ff(x)  # on the CPU: the modules' chain, whatever the setting
+            with monkeypatch.context() as gpu:
+                gpu.setattr(qm, "resolve_geglu", lambda choice, device: choice)  # as on a GPU
+                got = ff(x)
+            assert got.shape == expected.shape == (2, 150, out_linear.out_features)
+            errors.append(rel_rms(got, expected))
+    finally:
+        qm.set_geglu(real, "auto")
+    assert max(errors) < 1e-3, errors
+    hidden = [ff.projections()[1].in_features for ff in feed_forwards]
+    assert [kw["gate_offset"] for kw in launched] == hidden
+    out_fmt = triton_gemm.OUT_INT8 if precision == "int8" else triton_gemm.OUT_FP8
+    assert {kw["out_fmt"] for kw in launched} == {out_fmt}
+
+
+def test_geglu_feed_forward_needs_two_8bit_linears(int8_pair, fp8_pair):
+    from diffusers.models.attention import FeedForward
+
+    _, real, _ = fp8_pair
+    feed_forward = FeedForward(32, dim_out=32, activation_fn="geglu")
+    assert not qm.GEGLUFeedForward.fits(feed_forward)  # plain linears
+    fused = next(m for m in real.modules() if isinstance(m, qm.GEGLUFeedForward))
+    feed_forward.net = copy.deepcopy(fused.net)
+    assert qm.GEGLUFeedForward.fits(feed_forward)
+    feed_forward.net[2] = nn.Linear(feed_forward.net[2].in_features, 32)  # an fp16 output projection
+    assert not qm.GEGLUFeedForward.fits(feed_forward)
+    feed_forward.net[2] = next(m for m in int8_pair[1].modules() if isinstance(m, qm.GEGLUFeedForward)).net[2]
+    assert not qm.GEGLUFeedForward.fits(feed_forward)  # fp8 in, int8 out
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@torch.no_grad()
 def test_whole_unet_matches_fake_quant(precision, int8_pair, fp8_pair):
     fake, real, counts = int8_pair if precision == "int8" else fp8_pair
     assert qm.remaining_modelopt_modules(real) == []
@@ -543,7 +596,27 @@ def test_fp8_attention_choice(monkeypatch):
     with pytest.raises(MissingBackendError, match="engine.fp8_attention is triton-fp8-probs, but the triton"):
         gemm8.resolve_fp8_attention("triton-fp8-probs", "cuda")
     assert gemm8.resolve_kernels("fp8", "cpu", fp8_attention="triton") == {"conv_patches": "inductor",
-                                                                           "fp8_attention": "sdpa"}
+                                                                           "fp8_attention": "sdpa", "geglu": "inductor"}
     assert "fp8_attention" not in gemm8.resolve_kernels("int8", "cpu")
     assert gemm8.resolve_conv_patches("auto", "cuda") == "inductor"  # the defaults never fail for want of triton
     assert gemm8.resolve_fp8_attention("auto", "cuda") == "sdpa"
+
+
+def test_geglu_choice(monkeypatch):
+    from quantdiff.engines import gemm8
+    from quantdiff.errors import MissingBackendError
+
+    assert {gemm8.resolve_geglu(c, "cpu") for c in gemm8.GEGLU_CHOICES} == {"inductor"}
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: True)
+    monkeypatch.setattr(gemm8.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert [gemm8.resolve_geglu(c, "cuda") for c in gemm8.GEGLU_CHOICES] == ["inductor", "triton", "inductor"]
+    with pytest.raises(ConfigError, match="GEGLU 'fused' is not one of auto, triton, inductor"):
+        gemm8.resolve_geglu("fused", "cpu")
+    monkeypatch.setattr(gemm8.torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    with pytest.raises(MissingBackendError, match=r"engine.geglu is triton, which needs Hopper's TMA .compute "
+                                                  r"capability 9.0 or newer; this GPU has \(8, 9\)\); set engine.geglu"):
+        gemm8.resolve_geglu("triton", "cuda")
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: False)
+    with pytest.raises(MissingBackendError, match="engine.geglu is triton, but the triton package"):
+        gemm8.resolve_geglu("triton", "cuda")
+    assert gemm8.resolve_kernels("int8", "cuda", int8_gemm="int_mm", conv_patches="inductor")["geglu"] == "inductor"

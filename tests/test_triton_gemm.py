@@ -66,15 +66,15 @@ def test_tile_by_rows():
     assert not tg.small_m(rows) and tg.tile_for("int8", rows) is tg.TILES["int8"]
 
 
-def geglu_case(fmt, out_fmt, hidden=40):
-    a, w, scale = operands(fmt, 33, 64, 2 * hidden, seed=1)
+def geglu_case(fmt, out_fmt, hidden=40, rows=33, tma=False):
+    a, w, scale = operands(fmt, rows, 64, 2 * hidden, seed=1)
     g = torch.Generator().manual_seed(2)
     bias = torch.randn(2 * hidden, generator=g).half()
     grid = torch.rand(hidden, generator=g) * 40 + 10  # per column: SmoothQuant's scale times the step
     kwargs = {"n": hidden, "gate_offset": hidden, "out_fmt": out_fmt}
-    out = tg.gemm8(a, w, scale, bias, grid, **kwargs)
+    out = tg.gemm8(a, w, scale, bias, grid, **kwargs, tma=tma)
     ref = tg.gemm8_reference(a, w, scale, bias, grid, **kwargs)
-    assert out.dtype == ref.dtype and out.shape == (33, hidden)
+    assert out.dtype == ref.dtype and out.shape == (rows, hidden)
     # value * gelu(gate), by hand
     sums = a.float() @ w.float().t() * scale + bias.float()
     y = sums[:, :hidden] * torch.nn.functional.gelu(sums[:, hidden:])
@@ -104,6 +104,23 @@ def test_gemm8_geglu_fp8_output():
     got, want = out.float()[wrong], ref.float()[wrong]
     e4m3_step = torch.exp2(torch.floor(torch.log2(want.abs())).clamp(min=-6) - 3)
     assert ((got - want).abs() <= e4m3_step).all()
+
+
+@pytest.mark.parametrize("fmt,out_fmt", [("int8", tg.OUT_INT8), ("fp8", tg.OUT_FP8), ("fp8", tg.OUT_FLOAT)])
+def test_geglu_with_tma_loads_is_the_cp_async_kernels(fmt, out_fmt, monkeypatch):
+    # engine.geglu's kernel: the GEGLU form through tensor descriptors (the gate rows their own),
+    # 300 rows (more than the few-row tile's); the same tiles and sums as the cp.async kernel
+    launched, tma = [], tg.launch_tma_kernel
+    monkeypatch.setattr(tg, "launch_tma_kernel", lambda *a, **kw: launched.append(kw["gate_offset"]) or tma(*a, **kw))
+    out, ref, _ = geglu_case(fmt, out_fmt, rows=300, tma=True)
+    assert launched == [40]
+    cp_async, _, _ = geglu_case(fmt, out_fmt, rows=300)
+    assert launched == [40] and out.dtype == cp_async.dtype
+    assert torch.equal(out.view(torch.int8), cp_async.view(torch.int8)) if out_fmt != tg.OUT_FLOAT \
+        else torch.equal(out, cp_async)
+    wrong = out.float() != ref.float()  # and so its reference, within what test_gemm8_geglu_* allow
+    assert wrong.float().mean() < 0.01 if out_fmt != tg.OUT_FLOAT else torch.allclose(out.float(), ref.float(),
+                                                                                       rtol=2e-3, atol=1e-3)
 
 
 def test_int8_output_rounds_half_to_even_and_clamps_to_the_narrow_range():
@@ -179,9 +196,9 @@ def test_engine_gemm_with_tma_loads(monkeypatch):
     out = tg.gemm8(a, w, scale, bias, n=40, tma=True)  # the first 40 of w's 45 rows
     assert torch.equal(out, tg.gemm8_reference(a, w, scale, bias, n=40)) and launched == [(300, 80)]
     for fits_not in (operands("int8", 154, 64, 45)[:2],  # few rows: the small tile
-                     operands("int8", 300, 40, 45)[:2],  # rows 40 bytes apart
-                     operands("fp8", 300, 64, 45)[:2]):  # fp8: cuBLASLt's in the engine
+                     operands("int8", 300, 40, 45)[:2]):  # rows 40 bytes apart
         assert not tg.tma_fits(*fits_not)
+    assert tg.tma_fits(*operands("fp8", 300, 64, 45)[:2])  # (the engine's fp8 takes it for GEGLU only)
     a, w, scale = operands("int8", 300, 40, 45, seed=7)
     assert torch.equal(tg.gemm8(a, w, scale, bias, tma=True), tg.gemm8_reference(a, w, scale, bias))
     assert launched == [(300, 80)]  # the cp.async kernel took that one
@@ -189,17 +206,33 @@ def test_engine_gemm_with_tma_loads(monkeypatch):
 
 def test_tma_form_compiles_to_bulk_tensor_copies():
     # (without a GPU) the descriptors become Hopper's TMA loads feeding the 8-bit wgmma
-    from triton_compile import compile_for_hopper
-
     tile = tg.tile_kwargs(tg.TMA_TILES["int8"])  # the engine's (engine.int8_gemm: triton-tma)
     bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
     assert (bm, bn, bk) == (128, 128, 128)
-    ptx = compile_for_hopper({
-        "module": "quantdiff.engines.triton_gemm", "kernel": "_gemm8_tma_kernel",
-        "types": [f"tensordesc<i8[{bm}, {bk}]>", f"tensordesc<i8[{bn}, {bk}]>", "*fp32", "*fp16", "*fp16",
-                  "i32", "i32", "i32", "i32"],
-        "constexprs": {"IS_INT": True, "HAS_BIAS": True, **{k: v for k, v in tile.items() if k.isupper()}},
-        "aligned": ["scale_ptr", "bias_ptr", "out_ptr", "N", "K", "stride_om"],
-        "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
+    ptx = compile_tma_kernel("int8", tile, geglu=False, out_type="fp16")
     assert ptx["wgmma"] and all(op.endswith("s32.s8.s8") for op in ptx["wgmma"]), ptx
     assert ptx["tma_loads"] > 0, ptx
+
+
+def compile_tma_kernel(fmt, tile, geglu, out_type):
+    from triton_compile import compile_for_hopper
+
+    elt = "i8" if fmt == "int8" else "fp8e4nv"
+    out_fmt = {"fp16": tg.OUT_FLOAT, "i8": tg.OUT_INT8, "fp8e4nv": tg.OUT_FP8}[out_type]
+    return compile_for_hopper({
+        "module": "quantdiff.engines.triton_gemm", "kernel": "_gemm8_tma_kernel",
+        "types": [f"*{elt}", f"*{elt}", "*fp32", "*fp16", "*fp32", f"*{out_type}"] + ["i32"] * 7 + ["fp32"],
+        "constexprs": {"IS_INT": fmt == "int8", "HAS_BIAS": True, "GEGLU": geglu, "OUT_FMT": out_fmt,
+                       **{k: v for k, v in tile.items() if k.isupper()}},
+        "aligned": ["a_ptr", "w_ptr", "scale_ptr", "bias_ptr", "grid_ptr", "out_ptr", "N", "K", "gate_offset",
+                    "stride_am", "stride_wn", "stride_om"],
+        "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
+
+
+@pytest.mark.parametrize("fmt,out_type,mma", [("int8", "i8", "s32.s8.s8"), ("fp8", "fp8e4nv", "f32.e4m3.e4m3")])
+def test_tma_geglu_form_compiles_for_hopper(fmt, out_type, mma):
+    # engine.geglu's kernel and tile: two accumulators of 128x128 and three stages of a, value and
+    # gate blocks must fit Hopper's registers and 228 KB of shared memory (Triton refuses otherwise)
+    ptx = compile_tma_kernel(fmt, tg.tile_kwargs(tg.TMA_GEGLU_TILE), geglu=True, out_type=out_type)
+    assert ptx["wgmma"] and all(op.endswith(mma) for op in ptx["wgmma"]), ptx
+    assert ptx["tma_loads"] > 0 and ptx["mma_sync"] == 0, ptx

@@ -29,12 +29,13 @@ OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "ate
             "aten::_int_mm": "gemm", "aten::convolution": "conv"}
 # --conv: QuantConv2d.use_gemm (None: where it pays, QuantConv2d.runs_as_gemm)
 CONV_MODES = {"auto": None, "gemm": True, "float": False}
-# GPU kernels by name: the engine's Triton GEMM (engines/triton_gemm.py; Inductor may suffix it),
-# conv (engines/triton_conv.py, counted with the convolutions) and fp8 attention
-# (engines/triton_attention.py), the patch-matrix copy (engines/triton_patches.py, counted with the
-# other Triton kernels) and Inductor's generated ones. A CPU-side range of the same name nests them,
-# so only GPU events count.
-OWN_KERNELS = (("_gemm8_kernel", "gemm"), ("_conv8_kernel", "conv"), ("_fp8_attention_kernel", "attention"),
+# GPU kernels by name: the engine's Triton GEMMs (engines/triton_gemm.py, cp.async and TMA loads;
+# Inductor may suffix them), conv (engines/triton_conv.py, counted with the convolutions) and fp8
+# attention (engines/triton_attention.py), the patch-matrix copy (engines/triton_patches.py, counted
+# with the other Triton kernels) and Inductor's generated ones. A CPU-side range of the same name
+# nests them, so only GPU events count.
+OWN_KERNELS = (("_gemm8_kernel", "gemm"), ("_gemm8_tma_kernel", "gemm"), ("_conv8_kernel", "conv"),
+               ("_fp8_attention_kernel", "attention"),
                ("_patches_kernel", "triton"), ("triton_", "triton"))
 
 
@@ -189,7 +190,8 @@ def inductor_setting(text):
 
 def main(argv=None):
     from ..device import describe_device, require_cuda, require_fp8
-    from ..engines.gemm8 import resolve_conv_patches, resolve_fp8_attention, resolve_int8_gemm, resolve_kernels
+    from ..engines.gemm8 import (resolve_conv_patches, resolve_fp8_attention, resolve_geglu, resolve_int8_gemm,
+                                 resolve_kernels)
     from ..engines.qmodules import QuantConv2d, apply_kernels, convert_to_real_quant
     from ..engines.torch import check_inductor_settings, device_layout
     from ..models import arch_unet, unet_example_inputs
@@ -226,10 +228,13 @@ def main(argv=None):
     parser.add_argument("--fp8-attention", default="auto", metavar="KERNEL[,KERNEL]",
                         help="who runs fp8 level 4's attention, each as its own fp8 variant: auto, sdpa, triton, "
                              "triton-fp8-probs, as engine.fp8_attention")
+    parser.add_argument("--geglu", default="auto", metavar="KERNEL[,KERNEL]",
+                        help="who runs the 8-bit GEGLU feed-forwards' middle, each as its own 8-bit variant: auto, "
+                             "inductor, triton, as engine.geglu")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
     int8_gemms, conv_patches, conv_modes = args.int8_gemm.split(","), args.conv_patches.split(","), args.conv.split(",")
-    attentions = args.fp8_attention.split(",")
+    attentions, geglus = args.fp8_attention.split(","), args.geglu.split(",")
     if not set(conv_modes) <= set(CONV_MODES):
         parser.error(f"--conv {args.conv!r}: each mode is one of {', '.join(CONV_MODES)}")
     for kernel in int8_gemms:  # a bad name stops here, before any GPU work
@@ -238,6 +243,8 @@ def main(argv=None):
         resolve_conv_patches(kernel, "cpu")
     for kernel in attentions:
         resolve_fp8_attention(kernel, "cpu")
+    for kernel in geglus:
+        resolve_geglu(kernel, "cpu")
     inductor = check_inductor_settings(dict(args.inductor), "--inductor")
     baseline_inductor = check_inductor_settings(dict(args.baseline_inductor), "--baseline-inductor")
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -278,14 +285,14 @@ def main(argv=None):
         log(f"{precision}: converted {counts}")
         packaged = " (AOTInductor package)" if args.backend == "aoti" else ""
         variants = itertools.product(conv_modes, int8_gemms if precision == "int8" else [None], conv_patches,
-                                     attentions if precision == "fp8" else [None])
-        several = len(int8_gemms) > 1 or len(conv_patches) > 1 or len(attentions) > 1
-        for mode, kernel, patches, attention in variants:
+                                     attentions if precision == "fp8" else [None], geglus)
+        several = len(int8_gemms) > 1 or len(conv_patches) > 1 or len(attentions) > 1 or len(geglus) > 1
+        for mode, kernel, patches, attention, geglu in variants:
             for conv in convs:
                 conv.use_gemm = CONV_MODES[mode]
             counts = counts | {"conv_as_gemm": sum(c.runs_as_gemm(on_gpu=True) for c in convs)}
             name = f"torch engine {precision} L{level}{packaged}"
-            kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches, attention or "auto")
+            kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches, attention or "auto", geglu)
             apply_kernels(real, kernels)
             labels = ([f"conv {mode}"] if len(conv_modes) > 1 else []) + [f"{k} {v}" for k, v in kernels.items()
                                                                           if several]

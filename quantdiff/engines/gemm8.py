@@ -17,6 +17,7 @@ FP8 = torch.float8_e4m3fn
 INT8_GEMM_CHOICES = ("auto", "triton", "triton-tma", "int_mm")
 CONV_PATCHES_CHOICES = ("auto", "triton", "inductor", "implicit")
 FP8_ATTENTION_CHOICES = ("auto", "sdpa", "triton", "triton-fp8-probs")
+GEGLU_CHOICES = ("auto", "triton", "inductor")
 
 
 def _check_choice(what, choice, choices):
@@ -36,6 +37,14 @@ def _require_triton(setting, choice, device, instead):
                                   f"builds of torch bring it); install it or set engine.{setting}: {instead}")
 
 
+def _require_hopper(setting, choice, device):
+    """The error for a TMA kernel asked for by `engine.<setting>` on a GPU older than Hopper."""
+    if not _hopper(device):
+        raise MissingBackendError(f"engine.{setting} is {choice}, which needs Hopper's TMA (compute capability 9.0 "
+                                  f"or newer; this GPU has {torch.cuda.get_device_capability(device)}); set "
+                                  f"engine.{setting}: auto")
+
+
 def resolve_int8_gemm(choice, device):
     """The int8 GEMM kernel for `device` ("triton" or "int_mm", i.e. torch._int_mm; the CPU always
     takes torch._int_mm): `engine.int8_gemm`. "auto" is Triton on Hopper and newer (sm_90+): on an
@@ -53,10 +62,8 @@ def resolve_int8_gemm(choice, device):
         return "triton" if _hopper(device) and triton_gemm.available(device) else "int_mm"
     if choice.startswith("triton"):
         _require_triton("int8_gemm", choice, device, "int_mm")
-    if choice == "triton-tma" and not _hopper(device):
-        raise MissingBackendError("engine.int8_gemm is triton-tma, which needs Hopper's TMA (compute capability "
-                                  f"9.0 or newer; this GPU has {torch.cuda.get_device_capability(device)}); set "
-                                  "engine.int8_gemm: auto")
+    if choice == "triton-tma":
+        _require_hopper("int8_gemm", choice, device)
     return choice
 
 
@@ -98,11 +105,26 @@ def resolve_fp8_attention(choice, device):
     return choice
 
 
-def resolve_kernels(precision, device, int8_gemm="auto", conv_patches="auto", fp8_attention="auto"):
+def resolve_geglu(choice, device):
+    """Who runs an 8-bit GEGLU feed-forward's middle on `device` (`engine.geglu`): "inductor" (the
+    FF-in GEMM writes value and gate in fp16, one Inductor kernel computes value * gelu(gate) and
+    quantizes it for the FF-out GEMM; the CPU always) or "triton" (one Triton GEMM with TMA loads
+    does all of it and writes the 8-bit input: qmodules.GEGLUFeedForward; Hopper and newer). "auto"
+    is "inductor": the fused GEMM has not been timed in a UNet yet (docs/PERF.md)."""
+    _check_choice("GEGLU", choice, GEGLU_CHOICES)
+    device = torch.device(device)
+    if device.type != "cuda" or choice in ("auto", "inductor"):
+        return "inductor"
+    _require_triton("geglu", choice, device, "inductor")
+    _require_hopper("geglu", choice, device)
+    return choice
+
+
+def resolve_kernels(precision, device, int8_gemm="auto", conv_patches="auto", fp8_attention="auto", geglu="auto"):
     """The GPU kernels an 8-bit model of `precision` runs on `device`, resolved from their settings:
-    {"conv_patches": ..., for int8 "int8_gemm": ..., for fp8 "fp8_attention": ...}. Raises before any
-    work for one that cannot run."""
-    kernels = {"conv_patches": resolve_conv_patches(conv_patches, device)}
+    {"conv_patches": ..., "geglu": ..., for int8 "int8_gemm": ..., for fp8 "fp8_attention": ...}.
+    Raises before any work for one that cannot run."""
+    kernels = {"conv_patches": resolve_conv_patches(conv_patches, device), "geglu": resolve_geglu(geglu, device)}
     if precision == "int8":
         kernels["int8_gemm"] = resolve_int8_gemm(int8_gemm, device)
     if precision == "fp8":

@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quantdiff.engines import triton_gemm
 from quantdiff.engines.gemm8 import (conv2d_as_gemm, fp8_matmul, int8_linear, int8_out_scale, resolve_conv_patches,
-                                      resolve_fp8_attention)
+                                      resolve_fp8_attention, resolve_geglu)
 from quantdiff.errors import ConfigError
 from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8
 
@@ -109,6 +110,13 @@ def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
+def _pad_columns(q, k):
+    """An 8-bit (m, k') input zero-padded to the k of a weight padded at build time (zeros add nothing)."""
+    if q.shape[1] == k:
+        return q
+    return F.pad(q.view(torch.int8), (0, k - q.shape[1])).view(q.dtype)
+
+
 # ---------------------------------------------------------------- linears
 
 class Int8Linear(nn.Module):
@@ -132,14 +140,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", _copy_or_none(qlinear.bias))
 
     def forward(self, x):
+        lead = x.shape[:-1]
+        out = self.from_quantized(self.quantize_input(x.reshape(-1, self.in_features)), x.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def quantize_input(self, x):
+        """x (m, in_features) on this layer's int8 grid (its smoothing applied)."""
         if self.act.pre_quant_scale is not None:
             x = x * self.act.pre_quant_scale
-        lead = x.shape[:-1]
-        xq = self.act.quantize(x.reshape(-1, self.in_features))
-        if self.weight.shape[1] != self.in_features:
-            xq = F.pad(xq, (0, self.weight.shape[1] - self.in_features))
-        out = int8_linear(xq, self.weight, self.out_scale, self.bias, x.dtype, self.int8_gemm)
-        return out.reshape(*lead, self.out_features)
+        return self.act.quantize(x)
+
+    def from_quantized(self, xq, dtype):
+        """The (m, out_features) output in dtype from an input already on this layer's grid."""
+        xq = _pad_columns(xq, self.weight.shape[1])
+        return int8_linear(xq, self.weight, self.out_scale, self.bias, dtype, self.int8_gemm)
 
     def dequantized_weight(self, dtype=torch.float32):
         w = self.weight[: self.out_features, : self.in_features]
@@ -170,17 +184,20 @@ class FP8Linear(nn.Module):
         self.register_buffer("bias", _copy_or_none(qlinear.bias))
 
     def forward(self, x):
+        lead = x.shape[:-1]
+        out = self.from_quantized(self.quantize_input(x.reshape(-1, self.in_features)), x.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def quantize_input(self, x):
+        """x (m, in_features) on this layer's e4m3 grid (its pre-quant scale applied)."""
         if self.act.pre_quant_scale is not None:
             x = x * self.act.pre_quant_scale
-        lead = x.shape[:-1]
-        out = self.from_quantized(self.act.quantize(x.reshape(-1, self.in_features)), x.dtype)
-        return out.reshape(*lead, self.out_features)
+        return self.act.quantize(x)
 
     def from_quantized(self, xq, dtype):
         """The (m, out_features) output in dtype from an input (m, in_features) already on this
         layer's e4m3 grid (self.act.to_grid): what an fp8 producer hands over (fp8 attention)."""
-        if self.weight.shape[1] != self.in_features:
-            xq = F.pad(xq.view(torch.int8), (0, self.weight.shape[1] - self.in_features)).view(xq.dtype)
+        xq = _pad_columns(xq, self.weight.shape[1])
         out = fp8_matmul(xq, self.weight, self.act.back, self.weight_scale, dtype, self.bias, self.fast_accum)
         return out if out.shape[1] == self.out_features else out[:, : self.out_features]
 
@@ -190,6 +207,75 @@ class FP8Linear(nn.Module):
 
     def reference_forward(self, x):
         return F.linear(self.act(x), self.dequantized_weight(x.dtype), self.bias)
+
+
+# ---------------------------------------------------------------- GEGLU feed-forwards
+
+class GEGLUFeedForward(nn.Module):
+    """diffusers' FeedForward with a GEGLU input (every SDXL transformer block's) whose two linears
+    are 8-bit of one format. With `geglu` "triton" (gemm8.resolve_geglu) one Triton GEMM, with TMA
+    loads, computes value * gelu(gate) of the input projection and writes it on the output
+    projection's 8-bit grid (its smoothing folded in per column), which that linear reads as is: no
+    fp16 hidden state of twice the width written and read back, no GEGLU+quantize kernel between
+    the GEMMs. Otherwise ("inductor") the modules run one after the other as diffusers has them.
+    Inference only: the dropouts between and after are identities."""
+
+    geglu = "auto"  # set_geglu sets a whole model
+
+    def __init__(self, feed_forward):
+        super().__init__()
+        self.net = feed_forward.net
+        proj, out = self.projections()
+        hidden_grid = out.act.to_grid.float().expand(out.in_features)
+        if out.act.pre_quant_scale is not None:
+            hidden_grid = hidden_grid * out.act.pre_quant_scale.float()
+        # per column, float32, contiguous: what the kernel reads (built once, not per call)
+        self.register_buffer("hidden_grid", hidden_grid.contiguous())
+        self.register_buffer("proj_scale", triton_gemm.per_column(
+            proj.out_scale if isinstance(proj, Int8Linear) else proj.act.back * proj.weight_scale, proj.out_features))
+
+    @staticmethod
+    def fits(feed_forward):
+        """True for a FeedForward this module can take: GEGLU (exact gelu), then dropout, then a linear,
+        both linears 8-bit of one format, the output reading the GEGLU's width."""
+        from diffusers.models.activations import GEGLU
+
+        net = feed_forward.net
+        if len(net) not in (3, 4) or type(net[0]) is not GEGLU or not isinstance(net[1], nn.Dropout):
+            return False
+        if len(net) == 4 and not isinstance(net[3], nn.Dropout):
+            return False
+        proj, out = net[0].proj, net[2]
+        return (type(proj) is type(out) and isinstance(proj, (Int8Linear, FP8Linear))
+                and proj.out_features == 2 * out.in_features)
+
+    def projections(self):
+        return self.net[0].proj, self.net[2]
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if resolve_geglu(self.geglu, hidden_states.device) != "triton":
+            for module in self.net:
+                hidden_states = module(hidden_states)
+            return hidden_states
+        proj, out = self.projections()
+        lead, hidden = hidden_states.shape[:-1], out.in_features
+        xq = _pad_columns(proj.quantize_input(hidden_states.reshape(-1, proj.in_features)), proj.weight.shape[1])
+        int8 = isinstance(proj, Int8Linear)
+        h8 = triton_gemm.gemm8(xq, proj.weight, self.proj_scale, proj.bias, self.hidden_grid, n=hidden,
+                               gate_offset=hidden, out_fmt=triton_gemm.OUT_INT8 if int8 else triton_gemm.OUT_FP8,
+                               int8_min=out.act.min_bound, tma=True)
+        return out.from_quantized(h8, hidden_states.dtype).reshape(*lead, out.out_features)
+
+
+def _fuse_geglu_feed_forwards(model, counts):
+    """Every FeedForward of `model` that GEGLUFeedForward fits becomes one."""
+    from diffusers.models.attention import FeedForward
+
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is FeedForward and GEGLUFeedForward.fits(child):
+                setattr(parent, child_name, GEGLUFeedForward(child))
+                counts["feed_forward_geglu"] += 1
 
 
 # ---------------------------------------------------------------- convolutions
@@ -523,8 +609,18 @@ def set_fp8_attention(model, kernel):
     return len(processors)
 
 
+def set_geglu(model, kernel):
+    """Every GEGLU feed-forward of a converted model on `kernel` (gemm8.GEGLU_CHOICES); returns how many."""
+    feed_forwards = [m for m in model.modules() if isinstance(m, GEGLUFeedForward)]
+    for feed_forward in feed_forwards:
+        feed_forward.geglu = kernel
+    return len(feed_forwards)
+
+
 def apply_kernels(model, kernels):
     """Put resolved kernels (gemm8.resolve_kernels) on every 8-bit module of a converted model."""
+    if "geglu" in kernels:
+        set_geglu(model, kernels["geglu"])
     if "conv_patches" in kernels:
         set_conv_patches(model, kernels["conv_patches"])
     if "int8_gemm" in kernels:
@@ -543,11 +639,13 @@ def convert_to_real_quant(unet):
     """Replace every ModelOpt quantized module of `unet` in place with real 8-bit modules.
 
     Enabled Linear -> Int8Linear / FP8Linear, Conv2d -> QuantConv2d, Attention q/k/v quantizers ->
-    QuantAttnProcessor; disabled ones become plain nn.Linear / nn.Conv2d / Attention. Returns
-    (unet, counts by kind), e.g. {"linear_int8": 30, "conv_int8": 20, "linear_kept": 2, ...}.
+    QuantAttnProcessor; disabled ones become plain nn.Linear / nn.Conv2d / Attention; a GEGLU
+    FeedForward whose linears are both 8-bit -> GEGLUFeedForward. Returns (unet, counts by kind),
+    e.g. {"linear_int8": 30, "conv_int8": 20, "linear_kept": 2, "feed_forward_geglu": 10, ...}.
     """
     counts = Counter()
     _convert_tree(unet, "", counts)
+    _fuse_geglu_feed_forwards(unet, counts)
     left = remaining_modelopt_modules(unet)
     if left:
         raise ConfigError(f"ModelOpt modules the torch engine cannot convert: {left[:5]}")

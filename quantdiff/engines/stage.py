@@ -34,7 +34,7 @@ def run_torch_engine(model_dir, ckpt, settings, out_path, record_path, log=print
     batch, side = opt_shape(profile)  # built and tuned at the profile's opt point, like TensorRT
     example = unet_example_inputs(unet, batch, side * VAE_SCALE_FACTOR, dtype, device)
     # (the kernel settings are in `settings` only for the precisions they concern)
-    kernels = {k: settings[k] for k in ("int8_gemm", "conv_patches", "fp8_attention") if k in settings}
+    kernels = {k: settings[k] for k in ("int8_gemm", "conv_patches", "fp8_attention", "geglu") if k in settings}
     info = build_torch_engine(unet, precision, example, out_path, log=log, ranges=sample_ranges(profile),
                               inductor=settings.get("inductor"), **kernels)
     record = {"backend": "torch", "precision": precision, "device": describe_device(device),

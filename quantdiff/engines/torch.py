@@ -325,10 +325,10 @@ def device_layout(unet, device):
 
 
 def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None,
-                       inductor=None, int8_gemm="auto", conv_patches="auto", fp8_attention="auto"):
+                       inductor=None, int8_gemm="auto", conv_patches="auto", fp8_attention="auto", geglu="auto"):
     """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package.
 
-    `int8_gemm`, `conv_patches`, `fp8_attention`: the settings of the 8-bit modules' GPU kernels, resolved for the
+    `int8_gemm`, `conv_patches`, `fp8_attention`, `geglu`: the settings of the 8-bit modules' GPU kernels, resolved for the
     model's device (gemm8.resolve_kernels). Returns package_engine's info dict plus precision,
     conversion counts and, for 8-bit engines, those kernels.
     """
@@ -340,7 +340,8 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     counts, kernels = {}, {}
     if precision != "fp16":
         # resolved before conversion: a kernel that cannot run stops the build before its work
-        kernels = resolve_kernels(precision, next(unet.parameters()).device, int8_gemm, conv_patches, fp8_attention)
+        kernels = resolve_kernels(precision, next(unet.parameters()).device, int8_gemm, conv_patches, fp8_attention,
+                                  geglu)
         unet, counts = convert_to_real_quant(unet)
         log(f"engine: converted {counts}; kernels {kernels}")
         apply_kernels(unet, kernels)
@@ -348,7 +349,7 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges,
                           inductor=inductor)
     info["precision"] = precision
-    settings = {"int8_gemm": int8_gemm, "conv_patches": conv_patches, "fp8_attention": fp8_attention}
+    settings = {"int8_gemm": int8_gemm, "conv_patches": conv_patches, "fp8_attention": fp8_attention, "geglu": geglu}
     for name, kernel in kernels.items():
         info[name] = {"setting": settings[name], "kernel": kernel}
     if kernels.get("int8_gemm", "").startswith("triton"):
@@ -356,4 +357,8 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
 
         info["int8_gemm"]["tile"] = tile_kwargs((TMA_TILES if kernels["int8_gemm"] == "triton-tma" else TILES)["int8"])
         info["int8_gemm"][f"tile_up_to_{SMALL_M_ROWS}_rows"] = tile_kwargs(SMALL_M_TILES["int8"])
+    if kernels.get("geglu") == "triton":
+        from quantdiff.engines.triton_gemm import TMA_GEGLU_TILE, tile_kwargs
+
+        info["geglu"]["tile"] = tile_kwargs(TMA_GEGLU_TILE)
     return info

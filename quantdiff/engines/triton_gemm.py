@@ -8,9 +8,10 @@ cuBLASLt leaves two costs in the UNet's 8-bit linears that a GEMM of our own rem
 - GEGLU feed-forwards: the FF-in GEMM writes twice the hidden width in fp16, and a second kernel
   reads it back for value * gelu(gate) and the FF-out GEMM's quantize. `gemm8` with a gate
   offset computes the value and gate tiles side by side and writes that 8-bit input directly.
-  (Measured no faster than the pair yet, docs/PERF.md: the GEMM bench times it, the engine does not use it.)
-- With `tma`, a float-output int8 GEMM brings its operands in by Hopper's TMA (tensor descriptors)
-  instead of per-thread asynchronous copies: 10-16% faster alone on every large SDXL shape on an
+  With cp.async loads it was no faster than the pair (docs/PERF.md); with TMA loads it is what
+  the engine's feed-forwards run on Hopper (`engine.geglu`).
+- With `tma`, the GEMM brings its operands in by Hopper's TMA (tensor descriptors) instead of
+  per-thread asynchronous copies: for int8 10-16% faster alone on every large SDXL shape on an
   H200 (docs/PERF.md), where it also lets a 128-deep k tile win (`engine.int8_gemm: triton-tma`).
 
 The kernel is the custom op `quantdiff::gemm8` (torch.library.triton_op), so torch.compile and
@@ -109,6 +110,23 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _epilogue(acc, gate_acc, rn, n_ok, scale_ptr, bias_ptr, grid_ptr, gate_offset, int8_min,
+                  HAS_BIAS: tl.constexpr, GEGLU: tl.constexpr, OUT_FMT: tl.constexpr):
+        """The output tile from the sums (gemm8_reference): scaled and biased, for GEGLU times
+        gelu(gate), and for an 8-bit output put on the next GEMM's grid."""
+        y = _scaled(acc, rn, n_ok, scale_ptr, bias_ptr, HAS_BIAS)
+        if GEGLU:
+            gate = _scaled(gate_acc, rn, n_ok, scale_ptr + gate_offset, bias_ptr + gate_offset, HAS_BIAS)
+            y = y * (0.5 * gate * (1.0 + tl.erf(gate * _SQRT_HALF)))
+        if OUT_FMT == 1:
+            y = y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :]
+            # clamping first is the same as clamping the rounded value: the bounds are integers
+            y = _round_half_even(tl.clamp(y, int8_min, 127.0))
+        elif OUT_FMT == 2:
+            y = tl.clamp(y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :], -448.0, 448.0)
+        return y
+
+    @triton.jit
     def _gemm8_kernel(a_ptr, w_ptr, scale_ptr, bias_ptr, grid_ptr, out_ptr, M, N, K, gate_offset,
                       stride_am, stride_wn, stride_om, int8_min,
                       IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, GEGLU: tl.constexpr, OUT_FMT: tl.constexpr,
@@ -136,52 +154,60 @@ if triton is not None:
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        y = _scaled(acc, rn, n_ok, scale_ptr, bias_ptr, HAS_BIAS)
-        if GEGLU:
-            gate = _scaled(gate_acc, rn, n_ok, scale_ptr + gate_offset, bias_ptr + gate_offset, HAS_BIAS)
-            y = y * (0.5 * gate * (1.0 + tl.erf(gate * _SQRT_HALF)))
-        if OUT_FMT == 1:
-            y = y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :]
-            # clamping first is the same as clamping the rounded value: the bounds are integers
-            y = _round_half_even(tl.clamp(y, int8_min, 127.0))
-        elif OUT_FMT == 2:
-            y = tl.clamp(y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :], -448.0, 448.0)
-        out = y.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
+        y = _epilogue(acc, gate_acc, rn, n_ok, scale_ptr, bias_ptr, grid_ptr, gate_offset, int8_min,
+                      HAS_BIAS, GEGLU, OUT_FMT)
+        tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _gemm8_tma_kernel(a_desc, w_desc, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
-                          IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _gemm8_tma_kernel(a_ptr, w_ptr, scale_ptr, bias_ptr, grid_ptr, out_ptr, M, N, K, gate_offset,
+                          stride_am, stride_wn, stride_om, int8_min, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          GEGLU: tl.constexpr, OUT_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # _gemm8_kernel's float-output form with both operands brought in by Hopper's TMA (tensor
-        # descriptors; blocks past the edges arrive as zeros), not per-thread asynchronous copies
+        # _gemm8_kernel with both operands brought in by Hopper's TMA, not per-thread asynchronous
+        # copies; blocks past the edges arrive as zeros. The tensor descriptors are made here, on the
+        # device: torch.compile's wrapper (2.11) took host-side ones for constants it could not hash.
         pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        g_desc = tl.make_tensor_descriptor(w_ptr + gate_offset * stride_wn, shape=[N, K], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+        gate_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = a_desc.load([pid_m * BLOCK_M, k0])
             w = w_desc.load([pid_n * BLOCK_N, k0])
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
+            if GEGLU:
+                g = g_desc.load([pid_n * BLOCK_N, k0])
+                gate_acc = tl.dot(a, g.T, gate_acc, out_dtype=tl.int32 if IS_INT else tl.float32)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        y = _scaled(acc, rn, rn < N, scale_ptr, bias_ptr, HAS_BIAS)
+        y = _epilogue(acc, gate_acc, rn, rn < N, scale_ptr, bias_ptr, grid_ptr, gate_offset, int8_min,
+                      HAS_BIAS, GEGLU, OUT_FMT)
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=(rm < M)[:, None] & (rn < N)[None, :])
 
-    def launch_tma_kernel(a, w, scale, out, tile, bias=None, tuned=None):
-        """(m, k) @ w[:n]^T * scale (per column) [+ bias] -> out (m, n), through TMA loads, with
+    def _tma_scratch(size, alignment, stream):
+        """Global memory for tensor descriptors made on the device (Triton asks its allocator)."""
+        return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
+
+    def launch_tma_kernel(a, w, scale, out, tile, bias=None, tuned=None, out_grid=None, gate_offset=0,
+                          out_fmt=OUT_FLOAT, int8_min=-INT8_MAX):
+        """launch_kernel's GEMM (gemm8_reference's meaning; out is (m, n)) through TMA loads, with
         `tile` (launch keywords), or through `tuned`, its one-tile autotuner wrapped for
         torch.compile (the engine's form). The rows of a and w must start 16 bytes apart (tma_fits)."""
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         (m, k), n = a.shape, out.shape[1]
-        a_desc = TensorDescriptor.from_tensor(a, [tile["BLOCK_M"], tile["BLOCK_K"]])
-        w_desc = TensorDescriptor.from_tensor(w[:n], [tile["BLOCK_N"], tile["BLOCK_K"]])
+        # (compiled code sets Inductor's own allocator; this one serves eager launches)
+        triton.set_allocator(_tma_scratch)
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        args = (a_desc, w_desc, scale, out if bias is None else bias, out, m, n, k, out.stride(0))
-        flags = {"IS_INT": a.dtype == torch.int8, "HAS_BIAS": bias is not None}
+        args = (a, w, scale, out if bias is None else bias, out if out_grid is None else out_grid, out,
+                m, n, k, gate_offset, a.stride(0), w.stride(0), out.stride(0), float(int8_min))
+        flags = {"IS_INT": a.dtype == torch.int8, "HAS_BIAS": bias is not None, "GEGLU": gate_offset > 0,
+                 "OUT_FMT": out_fmt}
         if tuned is None:
             _gemm8_tma_kernel[grid](*args, **flags, **tile)
         else:
@@ -222,6 +248,12 @@ if triton is not None:
     # the tiles the sweep times the TMA form with (launch_tma_kernel)
     TMA_SWEEP_CONFIGS = [TILES["int8"], _config(128, 256, 64, 8, 4), TMA_TILES["int8"],
                          _config(256, 128, 64, 8, 3), _config(128, 128, 64, 8, 5)]
+    # The GEGLU form with TMA loads (engine.geglu: triton), both formats: the tile that was best or
+    # second with cp.async loads for both (a 128-deep k tile, which TMA made win for the plain GEMM);
+    # three stages of a, value and gate blocks are 144 KB of shared memory. Not yet timed on a GPU.
+    TMA_GEGLU_TILE = _config(128, 128, 128, 8, 3)
+    TMA_GEGLU_SWEEP_CONFIGS = [TMA_GEGLU_TILE, _config(128, 64, 128, 4, 4), _config(128, 128, 64, 8, 4),
+                               _config(128, 64, 64, 4, 5), _config(64, 128, 128, 4, 4)]
     # the tiles the sweep times on the few-row shapes (bench.gemm SMALL_M_SHAPES)
     SMALL_M_SWEEP_CONFIGS = [SMALL_M_TILES["int8"], TILES["int8"]] + [
         _config(64, 64, 128, 4, 4), _config(64, 32, 256, 4, 3), _config(64, 64, 64, 4, 5), _config(64, 128, 128, 4, 4),
@@ -237,7 +269,8 @@ if triton is not None:
     # under torch.compile and AOTInductor on the H200.
     _gemm8_tiled = {(fmt, small): triton.autotune(configs=[tile], key=[])(_gemm8_kernel)
                     for small, tiles in ((False, TILES), (True, SMALL_M_TILES)) for fmt, tile in tiles.items()}
-    _gemm8_tma_tiled = triton.autotune(configs=[TMA_TILES["int8"]], key=[])(_gemm8_tma_kernel)
+    _gemm8_tma_tiled = {geglu: triton.autotune(configs=[tile], key=[])(_gemm8_tma_kernel)
+                        for geglu, tile in ((False, TMA_TILES["int8"]), (True, TMA_GEGLU_TILE))}
 
     def small_m(m):
         """True for a GEMM of few rows (SMALL_M_TILES). Only a plain int can be: under a dynamic batch
@@ -257,11 +290,13 @@ if triton is not None:
         from torch.library import wrap_triton
 
         m, k = a.shape
-        if tma and tile is None and gate_offset == 0 and out_fmt == OUT_FLOAT and tma_fits(a, w):
+        if tma and tile is None and tma_fits(a, w):
+            geglu = {"out_grid": out_grid, "gate_offset": gate_offset, "out_fmt": out_fmt, "int8_min": int8_min}
             if interpreting():
-                return launch_tma_kernel(a, w, scale, out, INTERPRETER_TILE, bias)
-            return launch_tma_kernel(a, w, scale, out, tile_kwargs(TMA_TILES["int8"]), bias,
-                                     tuned=wrap_triton(_gemm8_tma_tiled))
+                return launch_tma_kernel(a, w, scale, out, INTERPRETER_TILE, bias, **geglu)
+            engine_tile = TMA_GEGLU_TILE if gate_offset else TMA_TILES["int8"]
+            return launch_tma_kernel(a, w, scale, out, tile_kwargs(engine_tile), bias,
+                                     tuned=wrap_triton(_gemm8_tma_tiled[gate_offset > 0]), **geglu)
         args = (a, w, scale, out if bias is None else bias, out if out_grid is None else out_grid, out,
                 m, n, k, gate_offset, a.stride(0), w.stride(0), out.stride(0), float(int8_min))
         flags = {"IS_INT": a.dtype == torch.int8, "HAS_BIAS": bias is not None, "GEGLU": gate_offset > 0,
@@ -290,11 +325,11 @@ if triton is not None:
 
 
 def tma_fits(a, w):
-    """True where the TMA form can take an int8 GEMM: enough rows for its 128-row tile (a few-row
+    """True where the TMA form can take an 8-bit GEMM: enough rows for its 128-row tile (a few-row
     GEMM keeps the small cp.async tile; a symbolic count, dynamic batch, counts as many) and rows
     of a and w that start 16 bytes apart, as tensor descriptors require (k a multiple of 16: every
     SDXL linear and conv)."""
-    return (a.dtype == torch.int8 and not small_m(a.shape[0]) and a.stride(1) == 1 and w.stride(1) == 1
+    return (not small_m(a.shape[0]) and a.stride(1) == 1 and w.stride(1) == 1
             and a.stride(0) % 16 == 0 and w.stride(0) % 16 == 0)
 
 
