@@ -39,11 +39,12 @@ def test_refuses_without_gpu(tmp_path):
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_every_path_is_close_to_its_reference(fmt, geglu):
     # the Triton kernel in Triton's interpreter; what the GPU bench's error column compares
-    # (300 rows: more than the few-row tile's, so the TMA form takes the int8 GEMM)
+    # (300 rows: more than the few-row tile's, so the TMA form takes the int8 GEMM and the GEGLU ones)
     ops = gemm.gemm_operands(300, 64, 96, device="cpu", seed=2)
     paths = {name: (fn, f) for name, mode, fn, f in gemm.shape_paths(ops, ["default"], geglu)}
-    assert set(paths) == {"fp16", fmt, "fp8", "int8", "fp8 triton", "int8 triton"} | (set() if geglu else {"int8 triton tma"})
-    for name in ("fp16", fmt, f"{fmt} triton") + (("int8 triton tma",) if fmt == "int8" and not geglu else ()):
+    tma = {"fp8 triton tma", "int8 triton tma"} if geglu else {"int8 triton tma"}
+    assert set(paths) == {"fp16", fmt, "fp8", "int8", "fp8 triton", "int8 triton"} | tma
+    for name in ("fp16", fmt, f"{fmt} triton") + ((f"{fmt} triton tma",) if fmt == "int8" or geglu else ()):
         fn, f = paths[name]
         out = fn(ops["x"]).float()
         ref = gemm.path_reference(ops["x"], ops, f, geglu)
@@ -89,14 +90,17 @@ def test_sweep_runs_every_tile_and_form(monkeypatch):
     monkeypatch.setattr(tg, "SMALL_M_SWEEP_CONFIGS", tg.SMALL_M_SWEEP_CONFIGS[:1])
     monkeypatch.setattr(tg, "SMALL_M_ROWS", 16)
     monkeypatch.setattr(tg, "TMA_SWEEP_CONFIGS", [tg._config(32, 32, 32, 4, 2)])
+    monkeypatch.setattr(tg, "TMA_GEGLU_SWEEP_CONFIGS", [tg._config(32, 32, 64, 4, 2)])
     logged = []
     rows = gemm.sweep_shape(24, 64, 64, logged.append) + gemm.sweep_shape(8, 64, 32, logged.append)
     assert all(line.startswith("{") for line in logged), logged  # no config failed
     assert [(r["shape"][0], r["path"], r["config"]["BLOCK_K"]) for r in rows] == [
         (24, "int8 triton", 64), (24, "int8 triton", 64), (24, "int8 triton tma", 32), (24, "int8 triton geglu", 128),
+        (24, "int8 triton tma geglu", 64),
         (24, "fp8 triton", 64), (24, "fp8 triton", 64), (24, "fp8 triton tma", 32), (24, "fp8 triton geglu", 128),
+        (24, "fp8 triton tma geglu", 64),
         (8, "int8 triton", 128), (8, "fp8 triton", 128)]  # the few-row shape: its own tiles, no TMA form
-    assert all(r["same_as_cp_async"] for r in rows if r["path"].endswith("tma"))
+    assert all(r["same_as_cp_async"] for r in rows if "tma" in r["path"])
 
 
 def test_conv_rows_compare_the_8bit_conv_paths(monkeypatch):

@@ -88,13 +88,13 @@ def geglu_8bit(y, next_grid, fmt):
     return quantize_fp8(h, next_grid) if fmt == "fp8" else quantize_int8(h, next_grid)
 
 
-def geglu_triton_path(x, p, fmt, next_grid):
+def geglu_triton_path(x, p, fmt, next_grid, tma=False):
     quantize = quantize_fp8 if fmt == "fp8" else quantize_int8
     scale = p["back"] * p["w_back"] if fmt == "fp8" else p["out_scale"]
     half = p["w"].shape[0] // 2
     out_fmt = triton_gemm.OUT_FP8 if fmt == "fp8" else triton_gemm.OUT_INT8
     return triton_gemm.gemm8(quantize(x, p["to_grid"]), p["w"], scale, out_grid=next_grid, n=half,
-                             gate_offset=half, out_fmt=out_fmt)
+                             gate_offset=half, out_fmt=out_fmt, tma=tma)
 
 
 def fake_quant_reference(x, p, fmt):
@@ -124,7 +124,8 @@ def fp16_geglu(y):
 def shape_paths(ops, modes, geglu):
     """(name, mode, fn, fmt) for one shape: fp16 once, each cuBLAS(Lt) 8-bit path per compile mode,
     and the Triton kernel (its own tiles; Inductor's mode does not change it), for int8 also with
-    TMA loads as engine.int8_gemm: triton-tma runs it (the op, compiled; few rows keep cp.async)."""
+    TMA loads as engine.int8_gemm: triton-tma runs it (the op, compiled; few rows keep cp.async),
+    and for the GEGLU rows both formats with TMA loads, as engine.geglu: triton runs them."""
     grid = {fmt: torch.tensor(g, device=ops["x"].device) for fmt, g in GEGLU_NEXT_GRID.items()}
     if geglu:
         fp16 = lambda x: fp16_geglu(F.linear(x, ops["w16"]))  # noqa: E731
@@ -138,7 +139,11 @@ def shape_paths(ops, modes, geglu):
     paths = [("fp16", "default", fp16, None)] + [(fmt, mode, cublas[fmt], fmt) for mode in modes for fmt in cublas]
     if triton_gemm.available(ops["x"].device):
         paths += [(f"{fmt} triton", "default", own[fmt], fmt) for fmt in own]
-        if not geglu:
+        if geglu:  # as engine.geglu: triton runs it
+            paths += [(f"{fmt} triton tma", "default", lambda x, fmt=fmt: geglu_triton_path(x, ops[fmt], fmt, grid[fmt],
+                                                                                           tma=True), fmt)
+                      for fmt in own]
+        else:
             paths.append(("int8 triton tma", "default", lambda x: triton_path(x, ops["int8"], "int8", tma=True), "int8"))
     return paths
 
@@ -211,29 +216,35 @@ def sweep_shape(m, k, n, log):
             rows.append({"shape": [m, k, n], "path": f"{fmt} triton" + (" geglu" if geglu else ""), "config": kwargs,
                          "us": round(us, 2), "tflops": round(2 * m * k * n / us / 1e6, 1)})
             log(json.dumps(rows[-1]))
-        if not geglu and not triton_gemm.small_m(m):
-            rows += tma_rows(m, k, n, fmt, a, p["w"], scale, out, log)
+        if not triton_gemm.small_m(m):
+            rows += tma_rows(m, k, n, fmt, a, p["w"], scale, out, log, next_grid if geglu else None, out_fmt)
     return rows
 
 
-def tma_rows(m, k, n, fmt, a, w, scale, out, log):
-    """The same GEMM with TMA loads (triton_gemm.launch_tma_kernel), per tile of TMA_SWEEP_CONFIGS;
-    each output checked against the cp.async kernel's."""
+def tma_rows(m, k, n, fmt, a, w, scale, out, log, next_grid=None, out_fmt=triton_gemm.OUT_FLOAT):
+    """The same GEMM with TMA loads (triton_gemm.launch_tma_kernel), per tile of TMA_SWEEP_CONFIGS
+    (with next_grid: the GEGLU form, TMA_GEGLU_SWEEP_CONFIGS); each output checked against the
+    cp.async kernel's."""
     rows = []
-    expected = triton_gemm.launch_kernel(a, w, scale, None, None, torch.empty_like(out), n, 0,
-                                         triton_gemm.OUT_FLOAT, -127, triton_gemm.tile_kwargs(triton_gemm.TILES[fmt]))
-    for config in triton_gemm.TMA_SWEEP_CONFIGS:
+    geglu = {"out_grid": next_grid, "gate_offset": out.shape[1] if next_grid is not None else 0, "out_fmt": out_fmt,
+             "int8_min": -127}
+    expected = triton_gemm.launch_kernel(a, w, scale, None, next_grid, torch.empty_like(out), out.shape[1],
+                                         geglu["gate_offset"], out_fmt, -127,
+                                         triton_gemm.tile_kwargs(triton_gemm.TILES[fmt]))
+    configs = triton_gemm.TMA_SWEEP_CONFIGS if next_grid is None else triton_gemm.TMA_GEGLU_SWEEP_CONFIGS
+    for config in configs:
         kwargs = triton_gemm.tile_kwargs(config)
         try:
             def run():
-                triton_gemm.launch_tma_kernel(a, w, scale, out, kwargs)
+                triton_gemm.launch_tma_kernel(a, w, scale, out, kwargs, **geglu)
             run()
             same = bool(torch.allclose(out.float(), expected.float(), rtol=1e-3, atol=1e-3))
             us = time_graph(run)
         except Exception as e:  # e.g. Triton without tensor descriptors, or out of shared memory
             log(f"{m}x{k}x{n} {fmt} tma {kwargs}: {type(e).__name__}: {str(e)[:120]}")
             continue
-        rows.append({"shape": [m, k, n], "path": f"{fmt} triton tma", "config": kwargs, "us": round(us, 2),
+        rows.append({"shape": [m, k, n], "path": f"{fmt} triton tma" + (" geglu" if next_grid is not None else ""),
+                     "config": kwargs, "us": round(us, 2),
                      "tflops": round(2 * m * k * n / us / 1e6, 1), "same_as_cp_async": same})
         log(json.dumps(rows[-1]))
     return rows
