@@ -9,7 +9,7 @@ cuBLASLt leaves two costs in the UNet's 8-bit linears that a GEMM of our own rem
   reads it back for value * gelu(gate) and the FF-out GEMM's quantize. `gemm8` with a gate
   offset computes the value and gate tiles side by side and writes that 8-bit input directly.
   With cp.async loads it was no faster than the pair (docs/PERF.md); with TMA loads it is what
-  the engine's feed-forwards run on Hopper (`engine.geglu`).
+  `engine.geglu: triton` runs on Hopper (not yet timed in a UNet).
 - With `tma`, the GEMM brings its operands in by Hopper's TMA (tensor descriptors) instead of
   per-thread asynchronous copies: for int8 10-16% faster alone on every large SDXL shape on an
   H200 (docs/PERF.md), where it also lets a 128-deep k tile win (`engine.int8_gemm: triton-tma`).
@@ -250,7 +250,8 @@ if triton is not None:
                          _config(256, 128, 64, 8, 3), _config(128, 128, 64, 8, 5)]
     # The GEGLU form with TMA loads (engine.geglu: triton), both formats: the tile that was best or
     # second with cp.async loads for both (a 128-deep k tile, which TMA made win for the plain GEMM);
-    # three stages of a, value and gate blocks are 144 KB of shared memory. Not yet timed on a GPU.
+    # three stages of a, value and gate blocks are 144 KB of shared memory. Compiled and checked on an H200,
+    # not yet timed (docs/PERF.md).
     TMA_GEGLU_TILE = _config(128, 128, 128, 8, 3)
     TMA_GEGLU_SWEEP_CONFIGS = [TMA_GEGLU_TILE, _config(128, 64, 128, 4, 4), _config(128, 128, 64, 8, 4),
                                _config(128, 64, 64, 4, 5), _config(64, 128, 128, 4, 4)]
