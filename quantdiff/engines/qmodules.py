@@ -69,6 +69,16 @@ class StaticQuant(nn.Module):
         fmt = quantizer_format(quantizer, where)
         return cls(fmt, quantizer.amax, quantizer.narrow_range, quantizer.pre_quant_scale)
 
+    def same_grid(self, other):
+        """True when `other` quantizes every input to the same 8-bit tensor (format, bounds, scale
+        and smoothing all equal): e.g. q, k and v projections calibrated on one input."""
+        smoothing = (self.pre_quant_scale, other.pre_quant_scale)
+        return (self.fmt == other.fmt and self.min_bound == other.min_bound
+                and torch.equal(self.to_grid, other.to_grid) and torch.equal(self.back, other.back)
+                and (smoothing == (None, None)
+                     or None not in smoothing and smoothing[0].shape == smoothing[1].shape
+                     and torch.equal(*smoothing)))
+
     def quantize(self, x):
         """8-bit tensor on the grid (pre_quant_scale not applied: callers do that)."""
         if self.fmt == "int8":
@@ -351,12 +361,21 @@ class QuantAttnProcessor:
     q, k, v and runs plain SDPA: with the default AttnProcessor2_0 the softmax output is never
     quantized. Only the bmm path (classic AttnProcessor) passes the softmax through its quantizer;
     `quantize_softmax` reproduces that. The quantizers live on the Attention module as q_quant,
-    k_quant, v_quant and softmax_quant so that .to() and state_dict carry them.
+    k_quant, v_quant and softmax_quant so that .to() and state_dict carry them (`quantize_qkv`
+    False: there are none, and the attention is diffusers' AttnProcessor2_0).
+
+    `shared_inputs`: groups of the 8-bit q/k/v projections whose input quantizers are the same
+    (StaticQuant.same_grid); those reading one tensor in a call (k and v always, q too in
+    self-attention) quantize it once and each reads that 8-bit tensor: with fp8 every projection of
+    a self-attention is calibrated on the same normalized input, and the kernel before them would
+    otherwise write the same 8-bit tensor three times.
     """
 
-    def __init__(self, quantize_softmax=False, fp8_attention="sdpa"):
+    def __init__(self, quantize_softmax=False, fp8_attention="sdpa", quantize_qkv=True, shared_inputs=()):
         self.quantize_softmax = quantize_softmax
         self.fp8_attention = fp8_attention  # gemm8.resolve_fp8_attention; set_fp8_attention sets a whole model
+        self.quantize_qkv = quantize_qkv
+        self.shared_inputs = shared_inputs
 
     def runs_fp8_kernel(self, attn, query, attention_mask):
         """True where the Triton fp8 attention takes this call: fp8 q/k/v quantizers without a
@@ -364,6 +383,8 @@ class QuantAttnProcessor:
         setting resolves to it)."""
         from quantdiff.engines import triton_attention
 
+        if not self.quantize_qkv:
+            return False
         quants = (attn.q_quant, attn.k_quant, attn.v_quant)
         return (not self.quantize_softmax and attention_mask is None
                 and all(q.fmt == "fp8" and q.pre_quant_scale is None for q in quants)
@@ -387,12 +408,12 @@ class QuantAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
+        self_attention = encoder_hidden_states is None
+        if self_attention:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query, key, value = self._projections(attn, hidden_states, encoder_hidden_states, self_attention)
 
         head_dim = key.shape[-1] // attn.heads
 
@@ -423,7 +444,8 @@ class QuantAttnProcessor:
                 projected = projection.from_quantized(merged, query.dtype).reshape(batch, -1, projection.out_features)
                 return self._finish(attn, projected, image_layout, residual, image_shape)
         else:
-            query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)
+            if self.quantize_qkv:
+                query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)
             if self.quantize_softmax:
                 scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
                 if attention_mask is not None:
@@ -434,6 +456,22 @@ class QuantAttnProcessor:
                 hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         return self._finish(attn, attn.to_out[0](hidden_states.to(query.dtype)), image_layout, residual, image_shape)
+
+    def _projections(self, attn, hidden_states, context, self_attention):
+        """to_q(hidden_states), to_k(context), to_v(context), with each group of shared_inputs that
+        reads one tensor in this call quantizing it once."""
+        names, inputs = ("to_q", "to_k", "to_v"), (hidden_states, context, context)
+        outputs = [None] * 3
+        for group in self.shared_inputs:
+            members = [i for i, name in enumerate(names) if name in group and (i > 0 or self_attention)]
+            if len(members) < 2:
+                continue
+            x = inputs[members[0]]
+            xq = getattr(attn, names[members[0]]).quantize_input(x.reshape(-1, x.shape[-1]))
+            for i in members:
+                projection = getattr(attn, names[i])
+                outputs[i] = projection.from_quantized(xq, x.dtype).reshape(*x.shape[:-1], projection.out_features)
+        return [out if out is not None else getattr(attn, name)(x) for out, name, x in zip(outputs, names, inputs)]
 
     @staticmethod
     def _finish(attn, projected, image_layout, residual, image_shape):
@@ -513,7 +551,7 @@ class InputQuantized(nn.Module):
 
 def _convert_attention(module, where, counts):
     """Kept as a diffusers Attention; FP8 (or int8) static q/k/v quantizers move onto it."""
-    from diffusers.models.attention_processor import AttnProcessor
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     quantizers = {n: getattr(module, n) for n in _ATTENTION_QUANTIZERS}
     if quantizers["bmm2_output_quantizer"].is_enabled:
@@ -532,14 +570,38 @@ def _convert_attention(module, where, counts):
     elif any(enabled):
         raise ConfigError(f"{where}: q/k/v bmm quantizers must be enabled together (got {enabled})")
     plain = _strip_modelopt(module)
+    shared = _shared_input_quantizers(plain)
+    if shared:
+        counts["attention_shared_input_quantizers"] += 1
     if built:
         for name, quant in built.items():
             plain.add_module(name, quant)
-        plain.set_processor(QuantAttnProcessor(quantize_softmax=quantize_softmax))
+        plain.set_processor(QuantAttnProcessor(quantize_softmax=quantize_softmax, shared_inputs=shared))
         counts[f"attention_{built['q_quant'].fmt}"] += 1
         if quantize_softmax:
             counts["softmax_quantized"] += 1
+    elif shared and type(plain.processor) is AttnProcessor2_0:  # the same attention, q/k/v inputs shared
+        plain.set_processor(QuantAttnProcessor(quantize_qkv=False, shared_inputs=shared))
     return plain
+
+
+def _shared_input_quantizers(attn):
+    """Groups (tuples of names) of attn's 8-bit q/k/v projections of one type whose input
+    quantizers are the same (QuantAttnProcessor.shared_inputs)."""
+    projections = [(name, getattr(attn, name)) for name in ("to_q", "to_k", "to_v")]
+    groups = []
+    for name, projection in projections:
+        if not isinstance(projection, (Int8Linear, FP8Linear)):
+            continue
+        for group in groups:
+            first = getattr(attn, group[0])
+            if type(first) is type(projection) and first.in_features == projection.in_features \
+                    and first.act.same_grid(projection.act):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return tuple(tuple(group) for group in groups if len(group) > 1)
 
 
 def _convert_module(module, where, counts):
@@ -603,7 +665,8 @@ def set_conv_patches(model, kernel):
 def set_fp8_attention(model, kernel):
     """Every quantized attention of a converted model runs its fp8 attention on `kernel`
     (gemm8.FP8_ATTENTION_CHOICES; int8 ones ignore it); returns how many were set."""
-    processors = [m.processor for m in model.modules() if isinstance(m.__dict__.get("processor"), QuantAttnProcessor)]
+    processors = [m.processor for m in model.modules() if isinstance(m.__dict__.get("processor"), QuantAttnProcessor)
+                  and m.processor.quantize_qkv]
     for processor in processors:
         processor.fp8_attention = kernel
     return len(processors)
