@@ -168,10 +168,13 @@ if triton is not None:
         # copies; blocks past the edges arrive as zeros. The tensor descriptors are made here, on the
         # device: torch.compile's wrapper (2.11) took host-side ones for constants it could not hash.
         pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
-        g_desc = tl.make_tensor_descriptor(w_ptr + gate_offset * stride_wn, shape=[N, K], strides=[stride_wn, 1],
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
                                            block_shape=[BLOCK_N, BLOCK_K])
+        if GEGLU:  # the gate rows: a third descriptor only where they are read
+            g_desc = tl.make_tensor_descriptor(w_ptr + gate_offset * stride_wn, shape=[N, K], strides=[stride_wn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
         gate_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
         for k0 in range(0, K, BLOCK_K):
