@@ -281,7 +281,7 @@ def _fuse_geglu_feed_forwards(model, counts):
     """Every FeedForward of `model` that GEGLUFeedForward fits becomes one."""
     from diffusers.models.attention import FeedForward
 
-    for name, parent in list(model.named_modules()):
+    for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is FeedForward and GEGLUFeedForward.fits(child):
                 setattr(parent, child_name, GEGLUFeedForward(child))
