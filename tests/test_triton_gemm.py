@@ -48,7 +48,7 @@ def test_small_m_tile_runs_a_few_row_gemm(fmt):
     a, w, scale = operands(fmt, 77, 200, 40, seed=4)
     out = torch.empty(77, 40, dtype=torch.float16)
     per_column = scale.float().expand(40).contiguous()  # what gemm8 hands the kernel
-    tg.launch_kernel(a, w, per_column, None, None, out, 40, 0, tg.OUT_FLOAT, -127, tile)
+    tg.launch_kernel(a, w, per_column, None, None, out, 0, tg.OUT_FLOAT, -127, tile)
     ref = tg.gemm8_reference(a, w, scale)
     assert torch.equal(out, ref) if fmt == "int8" else torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-3)
 

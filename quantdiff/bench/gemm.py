@@ -206,7 +206,7 @@ def sweep_shape(m, k, n, log):
             kwargs = triton_gemm.tile_kwargs(config)
             try:
                 def run():
-                    triton_gemm.launch_kernel(a, p["w"], scale, None, next_grid, out, cols, cols if geglu else 0,
+                    triton_gemm.launch_kernel(a, p["w"], scale, None, next_grid, out, cols if geglu else 0,
                                               out_fmt, -127, kwargs)
                 run()
                 us = time_graph(run)
@@ -228,9 +228,8 @@ def tma_rows(m, k, n, fmt, a, w, scale, out, log, next_grid=None, out_fmt=triton
     rows = []
     geglu = {"out_grid": next_grid, "gate_offset": out.shape[1] if next_grid is not None else 0, "out_fmt": out_fmt,
              "int8_min": -127}
-    expected = triton_gemm.launch_kernel(a, w, scale, None, next_grid, torch.empty_like(out), out.shape[1],
-                                         geglu["gate_offset"], out_fmt, -127,
-                                         triton_gemm.tile_kwargs(triton_gemm.TILES[fmt]))
+    expected = triton_gemm.launch_kernel(a, w, scale, None, next_grid, torch.empty_like(out), geglu["gate_offset"],
+                                         out_fmt, -127, triton_gemm.tile_kwargs(triton_gemm.TILES[fmt]))
     configs = triton_gemm.TMA_SWEEP_CONFIGS if next_grid is None else triton_gemm.TMA_GEGLU_SWEEP_CONFIGS
     for config in configs:
         kwargs = triton_gemm.tile_kwargs(config)

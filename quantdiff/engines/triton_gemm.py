@@ -191,6 +191,20 @@ if triton is not None:
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=(rm < M)[:, None] & (rn < N)[None, :])
 
+    def _launch_args(a, w, scale, bias, out_grid, out, gate_offset, out_fmt, int8_min):
+        """(arguments, constexpr flags, grid) of either kernel (they take the same) into `out` (m, n);
+        a missing bias or grid passes `out` in its place, never read."""
+        (m, k), n = a.shape, out.shape[1]
+        args = (a, w, scale, out if bias is None else bias, out if out_grid is None else out_grid, out,
+                m, n, k, gate_offset, a.stride(0), w.stride(0), out.stride(0), float(int8_min))
+        flags = {"IS_INT": a.dtype == torch.int8, "HAS_BIAS": bias is not None, "GEGLU": gate_offset > 0,
+                 "OUT_FMT": out_fmt}
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        return args, flags, grid
+
     def _tma_scratch(size, alignment, stream):
         """Global memory for tensor descriptors made on the device (Triton asks its allocator)."""
         return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
@@ -200,17 +214,9 @@ if triton is not None:
         """launch_kernel's GEMM (gemm8_reference's meaning; out is (m, n)) through TMA loads, with
         `tile` (launch keywords), or through `tuned`, its one-tile autotuner wrapped for
         torch.compile (the engine's form). The rows of a and w must start 16 bytes apart (tma_fits)."""
-        (m, k), n = a.shape, out.shape[1]
         # (compiled code sets Inductor's own allocator; this one serves eager launches)
         triton.set_allocator(_tma_scratch)
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-        args = (a, w, scale, out if bias is None else bias, out if out_grid is None else out_grid, out,
-                m, n, k, gate_offset, a.stride(0), w.stride(0), out.stride(0), float(int8_min))
-        flags = {"IS_INT": a.dtype == torch.int8, "HAS_BIAS": bias is not None, "GEGLU": gate_offset > 0,
-                 "OUT_FMT": out_fmt}
+        args, flags, grid = _launch_args(a, w, scale, bias, out_grid, out, gate_offset, out_fmt, int8_min)
         if tuned is None:
             _gemm8_tma_kernel[grid](*args, **flags, **tile)
         else:
@@ -287,13 +293,12 @@ if triton is not None:
     # the interpreter runs one small tile on the CPU
     INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
-    def launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, tile=None, tma=False):
+    def launch_kernel(a, w, scale, bias, out_grid, out, gate_offset, out_fmt, int8_min, tile=None, tma=False):
         """Runs the kernel into `out` (m, n). `tile`: launch keywords (tile_kwargs) to use instead
         of the input type's TILES entry (or, for GEGLU, the autotuner's pick). `tma`: the TMA form
         where it fits (tma_fits), the cp.async kernel elsewhere."""
         from torch.library import wrap_triton
 
-        m, k = a.shape
         if tma and tile is None and tma_fits(a, w):
             geglu = {"out_grid": out_grid, "gate_offset": gate_offset, "out_fmt": out_fmt, "int8_min": int8_min}
             if interpreting():
@@ -301,14 +306,7 @@ if triton is not None:
             engine_tile = TMA_GEGLU_TILE if gate_offset else TMA_TILES["int8"]
             return launch_tma_kernel(a, w, scale, out, tile_kwargs(engine_tile), bias,
                                      tuned=wrap_triton(_gemm8_tma_tiled[gate_offset > 0]), **geglu)
-        args = (a, w, scale, out if bias is None else bias, out if out_grid is None else out_grid, out,
-                m, n, k, gate_offset, a.stride(0), w.stride(0), out.stride(0), float(int8_min))
-        flags = {"IS_INT": a.dtype == torch.int8, "HAS_BIAS": bias is not None, "GEGLU": gate_offset > 0,
-                 "OUT_FMT": out_fmt}
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
+        args, flags, grid = _launch_args(a, w, scale, bias, out_grid, out, gate_offset, out_fmt, int8_min)
         if interpreting():
             _gemm8_kernel[grid](*args, **flags, **(tile or INTERPRETER_TILE))
         elif tile is not None:  # the sweep, eager
@@ -316,7 +314,7 @@ if triton is not None:
         elif gate_offset:
             wrap_triton(_gemm8_geglu_tuned)[grid](*args, **flags)
         else:
-            wrap_triton(_gemm8_tiled["int8" if flags["IS_INT"] else "fp8", small_m(m)])[grid](*args, **flags)
+            wrap_triton(_gemm8_tiled["int8" if flags["IS_INT"] else "fp8", small_m(a.shape[0])])[grid](*args, **flags)
         return out
 
     @torch.library.triton_op("quantdiff::gemm8", mutates_args=())
@@ -325,7 +323,7 @@ if triton is not None:
                  out_dtype: torch.dtype, tma: bool = False) -> torch.Tensor:
         dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
         out = torch.empty((a.shape[0], n), device=a.device, dtype=dtype)
-        return launch_kernel(a, w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, tma=tma)
+        return launch_kernel(a, w, scale, bias, out_grid, out, gate_offset, out_fmt, int8_min, tma=tma)
 
 
 def tma_fits(a, w):
@@ -370,4 +368,4 @@ def gemm8(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=
         raise RuntimeError("gemm8 runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
     dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
     out = torch.empty((a.shape[0], n), dtype=dtype)
-    return launch_kernel(a.contiguous(), w, scale, bias, out_grid, out, n, gate_offset, out_fmt, int8_min, tma=tma)
+    return launch_kernel(a.contiguous(), w, scale, bias, out_grid, out, gate_offset, out_fmt, int8_min, tma=tma)
