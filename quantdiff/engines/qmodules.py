@@ -17,7 +17,7 @@ from quantdiff.engines import triton_gemm
 from quantdiff.engines.gemm8 import (conv2d_as_gemm, fp8_matmul, int8_linear, int8_out_scale, resolve_conv_patches,
                                       resolve_fp8_attention, resolve_geglu)
 from quantdiff.errors import ConfigError
-from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8
+from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8, zero_pad_last_dim
 
 # cuBLASLt's fp8 fast accumulation on the GPU (fewer promotions of the partial sums to float32):
 # measured 7e-4 to 1.5e-3 relative error per GEMM on SDXL's shapes (docs/PERF.md, bench.gemm).
@@ -120,16 +120,25 @@ def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
-def _pad_columns(q, k):
-    """An 8-bit (m, k') input zero-padded to the k of a weight padded at build time (zeros add nothing)."""
-    if q.shape[1] == k:
-        return q
-    return F.pad(q.view(torch.int8), (0, k - q.shape[1])).view(q.dtype)
-
-
 # ---------------------------------------------------------------- linears
 
-class Int8Linear(nn.Module):
+class _Linear8(nn.Module):
+    """What the two 8-bit linears share: quantize the input (its smoothing applied) onto `act`'s grid,
+    then `from_quantized`, the GEMM, which each defines."""
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        out = self.from_quantized(self.quantize_input(x.reshape(-1, self.in_features)), x.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def quantize_input(self, x):
+        """x (m, in_features) on this layer's 8-bit grid (its pre-quant scale, SmoothQuant's, applied)."""
+        if self.act.pre_quant_scale is not None:
+            x = x * self.act.pre_quant_scale
+        return self.act.quantize(x)
+
+
+class Int8Linear(_Linear8):
     """INT8 weight (per-channel) x INT8 activation (per-tensor static) linear, int32 accumulate."""
 
     int8_gemm = "auto"  # the GPU kernel (gemm8.resolve_int8_gemm); set_int8_gemm sets a whole model
@@ -149,20 +158,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("out_scale", int8_out_scale(self.act.to_grid, w_div, self.out_features))
         self.register_buffer("bias", _copy_or_none(qlinear.bias))
 
-    def forward(self, x):
-        lead = x.shape[:-1]
-        out = self.from_quantized(self.quantize_input(x.reshape(-1, self.in_features)), x.dtype)
-        return out.reshape(*lead, self.out_features)
-
-    def quantize_input(self, x):
-        """x (m, in_features) on this layer's int8 grid (its smoothing applied)."""
-        if self.act.pre_quant_scale is not None:
-            x = x * self.act.pre_quant_scale
-        return self.act.quantize(x)
-
     def from_quantized(self, xq, dtype):
         """The (m, out_features) output in dtype from an input already on this layer's grid."""
-        xq = _pad_columns(xq, self.weight.shape[1])
+        xq = zero_pad_last_dim(xq, self.weight.shape[1])
         return int8_linear(xq, self.weight, self.out_scale, self.bias, dtype, self.int8_gemm)
 
     def dequantized_weight(self, dtype=torch.float32):
@@ -174,7 +172,7 @@ class Int8Linear(nn.Module):
         return F.linear(self.act(x), self.dequantized_weight(x.dtype), self.bias)
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(_Linear8):
     """FP8 e4m3 per-tensor weight x activation linear through torch._scaled_mm."""
 
     fast_accum = FP8_FAST_ACCUM
@@ -193,21 +191,10 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", w_back.reshape(()).clone())  # 0-dim: export wants both
         self.register_buffer("bias", _copy_or_none(qlinear.bias))
 
-    def forward(self, x):
-        lead = x.shape[:-1]
-        out = self.from_quantized(self.quantize_input(x.reshape(-1, self.in_features)), x.dtype)
-        return out.reshape(*lead, self.out_features)
-
-    def quantize_input(self, x):
-        """x (m, in_features) on this layer's e4m3 grid (its pre-quant scale applied)."""
-        if self.act.pre_quant_scale is not None:
-            x = x * self.act.pre_quant_scale
-        return self.act.quantize(x)
-
     def from_quantized(self, xq, dtype):
         """The (m, out_features) output in dtype from an input (m, in_features) already on this
         layer's e4m3 grid (self.act.to_grid): what an fp8 producer hands over (fp8 attention)."""
-        xq = _pad_columns(xq, self.weight.shape[1])
+        xq = zero_pad_last_dim(xq, self.weight.shape[1])
         out = fp8_matmul(xq, self.weight, self.act.back, self.weight_scale, dtype, self.bias, self.fast_accum)
         return out if out.shape[1] == self.out_features else out[:, : self.out_features]
 
@@ -256,7 +243,7 @@ class GEGLUFeedForward(nn.Module):
         if len(net) == 4 and not isinstance(net[3], nn.Dropout):
             return False
         proj, out = net[0].proj, net[2]
-        return (type(proj) is type(out) and isinstance(proj, (Int8Linear, FP8Linear))
+        return (type(proj) is type(out) and isinstance(proj, _Linear8)
                 and proj.out_features == 2 * out.in_features)
 
     def projections(self):
@@ -269,7 +256,7 @@ class GEGLUFeedForward(nn.Module):
             return hidden_states
         proj, out = self.projections()
         lead, hidden = hidden_states.shape[:-1], out.in_features
-        xq = _pad_columns(proj.quantize_input(hidden_states.reshape(-1, proj.in_features)), proj.weight.shape[1])
+        xq = zero_pad_last_dim(proj.quantize_input(hidden_states.reshape(-1, proj.in_features)), proj.weight.shape[1])
         int8 = isinstance(proj, Int8Linear)
         h8 = triton_gemm.gemm8(xq, proj.weight, self.proj_scale, proj.bias, self.hidden_grid, n=hidden,
                                gate_offset=hidden, out_fmt=triton_gemm.OUT_INT8 if int8 else triton_gemm.OUT_FP8,
@@ -591,7 +578,7 @@ def _shared_input_quantizers(attn):
     projections = [(name, getattr(attn, name)) for name in ("to_q", "to_k", "to_v")]
     groups = []
     for name, projection in projections:
-        if not isinstance(projection, (Int8Linear, FP8Linear)):
+        if not isinstance(projection, _Linear8):
             continue
         for group in groups:
             first = getattr(attn, group[0])

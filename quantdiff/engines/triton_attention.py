@@ -24,10 +24,9 @@ quantdiff.bench.gemm --attention` times it against cuDNN's fp16 attention on SDX
 import math
 
 import torch
-import torch.nn.functional as F
 
 from quantdiff.engines.triton_gemm import interpreting, triton
-from quantdiff.quant.grids import FP8_MAX, quantize_fp8
+from quantdiff.quant.grids import FP8_MAX, quantize_fp8, zero_pad_last_dim
 
 
 # Softmax probabilities lie in [0, 1] (before the normalization too, relative to the running
@@ -160,11 +159,6 @@ def supports(head_dim):
     return triton is not None and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
-def _pad_head_dim(t, d):
-    """An e4m3 (b, h, len, d') zero-padded to head_dim d (F.pad has no fp8 kernel: through int8)."""
-    return F.pad(t.view(torch.int8), (0, d - t.shape[-1])).view(t.dtype)
-
-
 def keys_contiguous(v):
     """v (b, h, len, d) laid out with len contiguous, as fp8 p v wants its operand (k-major)."""
     return v if v.stride(-2) == 1 else v.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -191,7 +185,7 @@ def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, quanti
                          + ([out_grid.float().reshape(())] if out_fp8 else []))
     softmax_scale = 1 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     if d < MIN_MMA_K:
-        q, k, v = (_pad_head_dim(t, MIN_MMA_K) for t in (q, k, v))
+        q, k, v = (zero_pad_last_dim(t, MIN_MMA_K) for t in (q, k, v))
         if quantize_probs:
             v = keys_contiguous(v)
     if q.is_cuda:

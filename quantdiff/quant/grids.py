@@ -40,6 +40,14 @@ def quantize_fp8(x, to_grid):
     return (x.float() * to_grid).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
+def zero_pad_last_dim(q, size):
+    """An int8 or e4m3 tensor zero-padded along its last dim to `size` (zero is exact on both grids
+    and adds nothing to a GEMM's sums; F.pad has no fp8 kernel, so through an int8 view)."""
+    if q.shape[-1] == size:
+        return q
+    return torch.nn.functional.pad(q.view(torch.int8), (0, size - q.shape[-1])).view(q.dtype)
+
+
 def fake_quant_int8(x, amax, min_bound=-INT8_MAX):
     """INT8 quantize-dequantize of x with `amax` broadcast against it (per tensor or per channel)."""
     to_grid, from_grid = int8_scales(amax)
