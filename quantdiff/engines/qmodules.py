@@ -632,21 +632,22 @@ def _convert_tree(parent, prefix, counts):
             setattr(parent, name, new)
 
 
+def _set_each(holders, setting, kernel):
+    """`setting` = kernel on each of `holders`; returns how many."""
+    for holder in holders:
+        setattr(holder, setting, kernel)
+    return len(holders)
+
+
 def set_int8_gemm(model, kernel):
     """Every int8 GEMM of a converted model on `kernel` (gemm8.INT8_GEMM_CHOICES); returns how many."""
-    modules = [m for m in model.modules() if isinstance(m, (Int8Linear, QuantConv2d))]
-    for module in modules:
-        module.int8_gemm = kernel
-    return len(modules)
+    return _set_each([m for m in model.modules() if isinstance(m, (Int8Linear, QuantConv2d))], "int8_gemm", kernel)
 
 
 def set_conv_patches(model, kernel):
     """Every conv of a converted model that runs as a GEMM takes its patches from `kernel`
     (gemm8.CONV_PATCHES_CHOICES); returns how many convs were set."""
-    convs = [m for m in model.modules() if isinstance(m, QuantConv2d)]
-    for conv in convs:
-        conv.conv_patches = kernel
-    return len(convs)
+    return _set_each([m for m in model.modules() if isinstance(m, QuantConv2d)], "conv_patches", kernel)
 
 
 def set_fp8_attention(model, kernel):
@@ -654,17 +655,12 @@ def set_fp8_attention(model, kernel):
     (gemm8.FP8_ATTENTION_CHOICES; int8 ones ignore it); returns how many were set."""
     processors = [m.processor for m in model.modules() if isinstance(m.__dict__.get("processor"), QuantAttnProcessor)
                   and m.processor.quantize_qkv]
-    for processor in processors:
-        processor.fp8_attention = kernel
-    return len(processors)
+    return _set_each(processors, "fp8_attention", kernel)
 
 
 def set_geglu(model, kernel):
     """Every GEGLU feed-forward of a converted model on `kernel` (gemm8.GEGLU_CHOICES); returns how many."""
-    feed_forwards = [m for m in model.modules() if isinstance(m, GEGLUFeedForward)]
-    for feed_forward in feed_forwards:
-        feed_forward.geglu = kernel
-    return len(feed_forwards)
+    return _set_each([m for m in model.modules() if isinstance(m, GEGLUFeedForward)], "geglu", kernel)
 
 
 def apply_kernels(model, kernels):
