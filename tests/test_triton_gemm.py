@@ -157,19 +157,7 @@ def test_kernel_compiles_for_hopper_tensor_cores(fmt, geglu, out_fmt, mma, tiles
     # Triton compiles for sm_90 without a GPU: this catches what only its compiler refuses (the
     # interpreter runs any Python) and checks the 8-bit dot becomes Hopper's wgmma, fed by
     # pipelined asynchronous copies, not Ampere's mma.sync.
-    from triton_compile import compile_for_hopper
-
-    elt = "i8" if fmt == "int8" else "fp8e4nv"
-    out = {tg.OUT_FLOAT: "fp16", tg.OUT_INT8: "i8", tg.OUT_FP8: "fp8e4nv"}[out_fmt]
-    tile = tg.tile_kwargs(tiles[fmt])
-    ptx = compile_for_hopper({
-        "module": "quantdiff.engines.triton_gemm", "kernel": "_gemm8_kernel",
-        "types": [f"*{elt}", f"*{elt}", "*fp32", "*fp16", "*fp32", f"*{out}"] + ["i32"] * 7 + ["fp32"],
-        "constexprs": {"IS_INT": fmt == "int8", "HAS_BIAS": True, "GEGLU": geglu, "OUT_FMT": out_fmt,
-                       **{k: v for k, v in tile.items() if k.isupper()}},
-        "aligned": ["a_ptr", "w_ptr", "scale_ptr", "bias_ptr", "grid_ptr", "out_ptr", "N", "K",
-                    "stride_am", "stride_wn", "stride_om"],
-        "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
+    ptx = compile_gemm_kernel("_gemm8_kernel", fmt, tg.tile_kwargs(tiles[fmt]), geglu, out_fmt)
     assert ptx["wgmma"] and all(op.endswith(mma) for op in ptx["wgmma"]), ptx
     assert ptx["mma_sync"] == 0 and ptx["cp_async"] > 0, ptx
 
@@ -209,19 +197,20 @@ def test_tma_form_compiles_to_bulk_tensor_copies():
     tile = tg.tile_kwargs(tg.TMA_TILES["int8"])  # the engine's (engine.int8_gemm: triton-tma)
     bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
     assert (bm, bn, bk) == (128, 128, 128)
-    ptx = compile_tma_kernel("int8", tile, geglu=False, out_type="fp16")
+    ptx = compile_gemm_kernel("_gemm8_tma_kernel", "int8", tile, geglu=False, out_fmt=tg.OUT_FLOAT)
     assert ptx["wgmma"] and all(op.endswith("s32.s8.s8") for op in ptx["wgmma"]), ptx
     assert ptx["tma_loads"] > 0, ptx
 
 
-def compile_tma_kernel(fmt, tile, geglu, out_type):
+def compile_gemm_kernel(kernel, fmt, tile, geglu, out_fmt):
+    """The PTX summary of one of the two GEMM kernels (the same arguments) compiled for sm_90."""
     from triton_compile import compile_for_hopper
 
     elt = "i8" if fmt == "int8" else "fp8e4nv"
-    out_fmt = {"fp16": tg.OUT_FLOAT, "i8": tg.OUT_INT8, "fp8e4nv": tg.OUT_FP8}[out_type]
+    out = {tg.OUT_FLOAT: "fp16", tg.OUT_INT8: "i8", tg.OUT_FP8: "fp8e4nv"}[out_fmt]
     return compile_for_hopper({
-        "module": "quantdiff.engines.triton_gemm", "kernel": "_gemm8_tma_kernel",
-        "types": [f"*{elt}", f"*{elt}", "*fp32", "*fp16", "*fp32", f"*{out_type}"] + ["i32"] * 7 + ["fp32"],
+        "module": "quantdiff.engines.triton_gemm", "kernel": kernel,
+        "types": [f"*{elt}", f"*{elt}", "*fp32", "*fp16", "*fp32", f"*{out}"] + ["i32"] * 7 + ["fp32"],
         "constexprs": {"IS_INT": fmt == "int8", "HAS_BIAS": True, "GEGLU": geglu, "OUT_FMT": out_fmt,
                        **{k: v for k, v in tile.items() if k.isupper()}},
         "aligned": ["a_ptr", "w_ptr", "scale_ptr", "bias_ptr", "grid_ptr", "out_ptr", "N", "K", "gate_offset",
@@ -229,10 +218,10 @@ def compile_tma_kernel(fmt, tile, geglu, out_type):
         "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
 
 
-@pytest.mark.parametrize("fmt,out_type,mma", [("int8", "i8", "s32.s8.s8"), ("fp8", "fp8e4nv", "f32.e4m3.e4m3")])
-def test_tma_geglu_form_compiles_for_hopper(fmt, out_type, mma):
+@pytest.mark.parametrize("fmt,out_fmt,mma", [("int8", tg.OUT_INT8, "s32.s8.s8"), ("fp8", tg.OUT_FP8, "f32.e4m3.e4m3")])
+def test_tma_geglu_form_compiles_for_hopper(fmt, out_fmt, mma):
     # engine.geglu's kernel and tile: two accumulators of 128x128 and three stages of a, value and
     # gate blocks must fit Hopper's registers and 228 KB of shared memory (Triton refuses otherwise)
-    ptx = compile_tma_kernel(fmt, tg.tile_kwargs(tg.TMA_GEGLU_TILE), geglu=True, out_type=out_type)
+    ptx = compile_gemm_kernel("_gemm8_tma_kernel", fmt, tg.tile_kwargs(tg.TMA_GEGLU_TILE), geglu=True, out_fmt=out_fmt)
     assert ptx["wgmma"] and all(op.endswith(mma) for op in ptx["wgmma"]), ptx
     assert ptx["tma_loads"] > 0 and ptx["mma_sync"] == 0, ptx
