@@ -100,6 +100,9 @@ def test_kinds_count_the_engines_own_gemm_kernel_once():
     (["--int8-gemm", "triton,cutlass"], "int8 GEMM 'cutlass' is not one of auto, triton, triton-tma, int_mm"),
     (["--conv-patches", "inductor,cudnn"], "conv patches 'cudnn' is not one of auto, triton, inductor, implicit"),
     (["--fp8-attention", "sdpa,flash"], "fp8 attention 'flash' is not one of auto, sdpa, triton, triton-fp8-probs"),
+    # torch.compile times them; an AOTInductor package, as the engine stage builds, does not take them
+    (["--backend", "aoti", "--int8-gemm", "triton,triton-tma"], "engine.int8_gemm is triton-tma, which the torch engine"),
+    (["--backend", "aoti", "--geglu", "inductor,triton"], "engine.geglu is triton, which the torch engine"),
 ])
 def test_bad_kernel_names_stop_before_anything(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=message):

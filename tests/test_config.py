@@ -67,6 +67,13 @@ def test_alpha_auto_is_valid(config):
     (lambda c: c["engine"].update(inductor={"max_autotune": [1]}), "config key 'engine.inductor.max_autotune': [1] is not of type"),
     (lambda c: c["models"]["tiny-xl"].setdefault("engine", {}).update(inductor={"coordinate_descent_tuning": 1}),
      "config key 'models.tiny-xl.engine.inductor.coordinate_descent_tuning': takes a bool"),
+    # kernels an AOTInductor package does not take (docs/PERF.md: NaN images from one on an H200)
+    (lambda c: c["engine"].update(int8_gemm="triton-tma"),
+     "engine.int8_gemm is triton-tma, which the torch engine (an AOTInductor package) does not take: its kernel "
+     "makes TMA descriptors on the GPU, and a package with it gave NaN images on an H200 (torch 2.11; "
+     "docs/PERF.md). Use triton or auto;"),
+    (lambda c: c["models"]["tiny-xl"].setdefault("engine", {}).update(geglu="triton"),
+     "models.tiny-xl.engine.geglu is triton, which the torch engine (an AOTInductor package) does not take"),
 ])
 def test_bad_config_names_the_key(config, edit, message):
     bad = copy.deepcopy(config)
@@ -97,6 +104,13 @@ def test_inductor_settings_reach_the_engine_stage(config):
     plan = engine_settings(validated, "tiny-xl", "fp8", "tensorrt")
     assert "inductor" not in plan and {"optimization_level", "timing_cache"} <= set(plan)
     assert not {"optimization_level", "timing_cache"} & set(engine_settings(validated, "tiny-xl", "fp8"))
+
+
+def test_kernels_refused_in_a_package_pass_where_the_engine_is_tensorrt(config):
+    """engine.backend: tensorrt builds no AOTInductor package, so the torch kernels' settings are moot."""
+    plan = copy.deepcopy(config)
+    plan["engine"].update(backend="tensorrt", int8_gemm="triton-tma", geglu="triton")
+    assert validate_config(plan, root=ROOT)["engine"]["geglu"] == "triton"
 
 
 def test_int8_gemm_setting_reaches_only_int8_torch_engines(config):

@@ -563,8 +563,11 @@ def test_int8_engine_build_sets_and_records_its_gemm(tmp_path, monkeypatch, int8
     real = copy.deepcopy(int8_pair[1])
     assert qm.set_int8_gemm(real, "int_mm") == len(real_modules(real)) > 0
     assert {m.int8_gemm for _, m in real_modules(real)} == {"int_mm"}
-    for bad in ({"int8_gemm": "fast"}, {"conv_patches": "fast"}):
-        with pytest.raises(ConfigError, match="'fast' is not one of"):
+    for bad, message in (({"int8_gemm": "fast"}, "'fast' is not one of"), ({"conv_patches": "fast"}, "'fast' is not one of"),
+                         ({"int8_gemm": "triton-tma"}, "engine.int8_gemm is triton-tma, which the torch engine .an "
+                                                       "AOTInductor package. does not take"),
+                         ({"geglu": "triton"}, "engine.geglu is triton, which the torch engine")):
+        with pytest.raises(ConfigError, match=message):
             te.build_torch_engine(copy.deepcopy(int8_pair[0]), "int8", unet_inputs(2, 1), tmp_path / "other.pt2",
                                   dynamic=False, log=lambda *_: None, **bad)
     assert not (tmp_path / "other.pt2").exists()

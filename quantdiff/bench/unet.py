@@ -190,6 +190,7 @@ def inductor_setting(text):
 
 def main(argv=None):
     from ..device import describe_device, require_cuda, require_fp8
+    from ..engines import check_packageable
     from ..engines.gemm8 import (resolve_conv_patches, resolve_fp8_attention, resolve_geglu, resolve_int8_gemm,
                                  resolve_kernels)
     from ..engines.qmodules import QuantConv2d, apply_kernels, convert_to_real_quant
@@ -245,6 +246,9 @@ def main(argv=None):
         resolve_fp8_attention(kernel, "cpu")
     for kernel in geglus:
         resolve_geglu(kernel, "cpu")
+    if args.backend == "aoti":  # what the engine stage would refuse to package
+        for int8_gemm, geglu in itertools.product(int8_gemms, geglus):
+            check_packageable({"int8_gemm": int8_gemm, "geglu": geglu})
     inductor = check_inductor_settings(dict(args.inductor), "--inductor")
     baseline_inductor = check_inductor_settings(dict(args.baseline_inductor), "--baseline-inductor")
     log = lambda *a: print(*a, flush=True)  # noqa: E731

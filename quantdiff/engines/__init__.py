@@ -14,6 +14,25 @@ from .tensorrt import TORCH_BACKEND_HINT
 
 BACKENDS = ("tensorrt", "torch")
 ENGINE_FILENAMES = {"tensorrt": "engine.plan", "torch": "engine.pt2"}
+# GPU kernel settings the torch engine (an AOTInductor package) does not take, with the setting to
+# use instead. Both kernels make their TMA descriptors on the GPU, in scratch memory their launcher
+# provides: under torch.compile they give the fake-quant model's output, but an int8 tiny-xl package
+# with them made NaN images on an H200 (torch 2.11, docs/PERF.md), as if its C++ launcher sized
+# that scratch for one program rather than the grid (a bug pytorch/pytorch#175385 fixed). They
+# were not faster there either. bench.unet still times them through torch.compile.
+UNPACKAGED_KERNELS = {"int8_gemm": ("triton-tma", "triton"), "geglu": ("triton", "inductor")}
+
+
+def check_packageable(kernels, where="engine"):
+    """Raise ConfigError for a kernel setting in `kernels` ({"int8_gemm": ..., "geglu": ...}) that an
+    AOTInductor package does not take (UNPACKAGED_KERNELS); `where` names the config section."""
+    for key, (refused, instead) in UNPACKAGED_KERNELS.items():
+        if kernels.get(key) == refused:
+            raise ConfigError(
+                f"{where}.{key} is {refused}, which the torch engine (an AOTInductor package) does not take: its "
+                f"kernel makes TMA descriptors on the GPU, and a package with it gave NaN images on an H200 (torch "
+                f"2.11; docs/PERF.md). Use {instead} or auto; `python -m quantdiff.bench.unet` still times "
+                f"{refused} through torch.compile.")
 
 
 def tensorrt_available() -> bool:

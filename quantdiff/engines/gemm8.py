@@ -53,8 +53,9 @@ def resolve_int8_gemm(choice, device):
     the time of _int_mm (an Ampere kernel there) plus its dequantize, on every SDXL shape. Older
     GPUs keep cuBLASLt, whose int8 kernels are native there (not measured against Triton).
     "triton-tma": the same kernel with its operands brought in by TMA (Hopper and newer) where the
-    GEMM fits (triton_gemm.tma_fits): 10-16% faster alone on SDXL's large shapes, not yet timed in
-    a UNet (docs/PERF.md). Asking for a Triton kernel where it cannot run is an error."""
+    GEMM fits (triton_gemm.tma_fits); with its descriptors made on the device it was no faster in
+    the SDXL UNet, and the engine stage does not package it (engines.check_packageable;
+    docs/PERF.md). Asking for a Triton kernel where it cannot run is an error."""
     _check_choice("int8 GEMM", choice, INT8_GEMM_CHOICES)
     device = torch.device(device)
     if device.type != "cuda":
@@ -111,7 +112,8 @@ def resolve_geglu(choice, device):
     FF-in GEMM writes value and gate in fp16, one Inductor kernel computes value * gelu(gate) and
     quantizes it for the FF-out GEMM; the CPU always) or "triton" (one Triton GEMM with TMA loads
     does all of it and writes the 8-bit input: qmodules.GEGLUFeedForward; Hopper and newer). "auto"
-    is "inductor": the fused GEMM has not been timed in a UNet yet (docs/PERF.md)."""
+    is "inductor": the fused GEMM made the SDXL UNet step slower (fp8 26.33 against 25.16 ms on an
+    H200), and the engine stage does not package it (engines.check_packageable; docs/PERF.md)."""
     _check_choice("GEGLU", choice, GEGLU_CHOICES)
     device = torch.device(device)
     if device.type != "cuda" or choice in ("auto", "inductor"):

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
+from quantdiff.engines import check_packageable
 from quantdiff.engines.gemm8 import count_scaled_mm
 from quantdiff.engines.profile import down_factor
 from quantdiff.errors import ConfigError, CorruptArtifactError
@@ -337,6 +338,7 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
 
     if precision not in ("fp16", "int8", "fp8"):
         raise ConfigError(f"precision {precision!r} is not one of fp16, int8, fp8")
+    check_packageable({"int8_gemm": int8_gemm, "geglu": geglu})
     counts, kernels = {}, {}
     if precision != "fp16":
         # resolved before conversion: a kernel that cannot run stops the build before its work
@@ -352,13 +354,9 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     settings = {"int8_gemm": int8_gemm, "conv_patches": conv_patches, "fp8_attention": fp8_attention, "geglu": geglu}
     for name, kernel in kernels.items():
         info[name] = {"setting": settings[name], "kernel": kernel}
-    if kernels.get("int8_gemm", "").startswith("triton"):
-        from quantdiff.engines.triton_gemm import SMALL_M_ROWS, SMALL_M_TILES, TILES, TMA_TILES, tile_kwargs
+    if kernels.get("int8_gemm") == "triton":  # (its TMA form is not packaged: check_packageable)
+        from quantdiff.engines.triton_gemm import SMALL_M_ROWS, SMALL_M_TILES, TILES, tile_kwargs
 
-        info["int8_gemm"]["tile"] = tile_kwargs((TMA_TILES if kernels["int8_gemm"] == "triton-tma" else TILES)["int8"])
+        info["int8_gemm"]["tile"] = tile_kwargs(TILES["int8"])
         info["int8_gemm"][f"tile_up_to_{SMALL_M_ROWS}_rows"] = tile_kwargs(SMALL_M_TILES["int8"])
-    if kernels.get("geglu") == "triton":
-        from quantdiff.engines.triton_gemm import TMA_GEGLU_TILE, tile_kwargs
-
-        info["geglu"]["tile"] = tile_kwargs(TMA_GEGLU_TILE)
     return info
