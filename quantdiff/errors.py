@@ -21,6 +21,10 @@ class UnsupportedDeviceError(QuantdiffError):
     """The GPU exists but cannot run what was asked (FP8 below sm 8.9)."""
 
 
+class EngineOutputError(QuantdiffError):
+    """An engine ran but its output cannot be right (NaN or infinite values)."""
+
+
 class CorruptArtifactError(QuantdiffError):
     """An input artifact is truncated or unreadable."""
 

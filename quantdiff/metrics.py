@@ -113,6 +113,9 @@ def sqnr_db(reference, test) -> float:
     ref, tst = _as_float64(reference), _as_float64(test)
     if ref.shape != tst.shape:
         raise ValueError(f"tensors differ in shape: reference {ref.shape}, test {tst.shape}")
+    for name, values in (("reference", ref), ("test", tst)):
+        if not np.all(np.isfinite(values)):  # NaN would pass every comparison below as a number
+            raise ValueError(f"SQNR is undefined: the {name} has {int(np.sum(~np.isfinite(values)))} non-finite values")
     noise = float(np.sum((ref - tst) ** 2))
     if noise == 0.0:
         return math.inf
@@ -154,10 +157,14 @@ def from_json_number(x) -> float:
 
 
 def mean_finite(values) -> float:
-    """Mean of the finite values; inf when every value is inf. See the module docstring for why."""
+    """Mean of the finite values; inf when every value is inf. See the module docstring for why.
+    A NaN is an error, never dropped: it is no measurement, and dropping it could turn a list of
+    NaNs into "inf", the value of identical images."""
     values = [from_json_number(v) for v in values]
     if not values:
         raise ValueError("mean of an empty list")
+    if any(math.isnan(v) for v in values):
+        raise ValueError(f"a NaN among the values to average: {values}")
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return math.inf

@@ -2,31 +2,52 @@
 PSNR and SSIM per image, and the noise-prediction SQNR per denoising step on the very same latents."""
 from pathlib import Path
 
+import torch
 from PIL import Image
 
+from ..errors import EngineOutputError
 from ..io import atomic_path
 from ..metrics import quality_summary, sqnr_db
 from .reference import generate, read_reference
 
 
+def noise_prediction(out):
+    """The tensor of a UNet call's output (a tuple, or diffusers' output class)."""
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def require_finite(prediction, where):
+    """Raise EngineOutputError unless every value of the engine's noise prediction is finite: a NaN
+    image saved and scored would make a report that looks finished and means nothing."""
+    bad = int((~torch.isfinite(prediction)).sum())
+    if bad:
+        raise EngineOutputError(
+            f"the engine's noise prediction {where} has {bad} non-finite values of {prediction.numel()}: the engine "
+            f"is broken, so no bench report is written. Rebuild it with the default engine.* kernel settings, and "
+            f"report the settings it was built with (engine_torch.json).")
+
+
 class SQNRProbe:
     """Stands in for the pipeline's UNet: returns the engine's noise prediction and records its
-    SQNR against the fp16 UNet evaluated on the very same latents, step by step."""
+    SQNR against the fp16 UNet evaluated on the very same latents, step by step. A non-finite
+    prediction stops the bench (require_finite)."""
 
     def __init__(self, engine, reference_unet):
         self.engine, self.reference = engine, reference_unet
-        self.by_step, self.step = [], 0
+        self.by_step, self.step, self.image = [], 0, -1
 
     def start_image(self):
         self.step = 0
+        self.image += 1
 
     def __getattr__(self, name):  # config, dtype, device, add_embedding: as the engine has them
         return getattr(self.engine, name)
 
     def __call__(self, *args, **kwargs):
         out = self.engine(*args, **kwargs)
-        ref = self.reference(*args, **kwargs)
-        test_t, ref_t = out[0] if isinstance(out, tuple) else out.sample, ref[0] if isinstance(ref, tuple) else ref.sample
+        test_t = noise_prediction(out)
+        require_finite(test_t, f"at denoising step {self.step + 1} of image {self.image + 1}")
+        ref_t = noise_prediction(self.reference(*args, **kwargs))
         if self.step == len(self.by_step):
             self.by_step.append([])
         self.by_step[self.step].append(sqnr_db(ref_t.float(), test_t.float()))

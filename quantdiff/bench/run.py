@@ -8,7 +8,7 @@ import torch
 from ..device import describe_device
 from ..engines.torch import device_layout
 from ..io import sha256, write_json
-from .quality import architecture_only, compare_with_reference
+from .quality import architecture_only, compare_with_reference, noise_prediction, require_finite
 from .reference import bench_device, evaluation_cases, generate
 from .report import format_caption, plot_sqnr, save_grid
 from .schema import validate_bench
@@ -74,6 +74,9 @@ def run_bench(model_dir, engine_path, backend, reference_dir, settings, out, log
     before = cuda_bytes_in_use() if device == "cuda" else 0
     engine = load_engine_unet(backend, engine_path, plain)
     engine_weights = (cuda_bytes_in_use() - before) if device == "cuda" else 0
+    # before minutes of timing and the baseline's compile: a broken engine stops here
+    with torch.no_grad():
+        require_finite(noise_prediction(unet_step(engine, inputs)()), "on the example inputs")
     with PeakMemory(device, engine_weights) as engine_mem:
         engine_step = time_calls(unet_step(engine, inputs), warmup, iters, device)
     engine_pipeline = time_calls(pipeline_run(pipe, engine, cases[0], settings), 1, PIPELINE_ITERS, device)
