@@ -136,8 +136,12 @@ def engine_settings(config, model, precision, backend="torch"):
 
 
 def bench_settings(config, model, precision):
+    """What the bench reads: its section, and the engine's Inductor settings, which its torch.compile
+    baseline is compiled with too (like for like: docs/PERF.md measured multi-kernel reductions
+    speed fp16 up as well)."""
     return dict(merged(config, model, "bench"), model=model, precision=precision, quant_level=quant_level(config, precision),
-                pipeline=config["models"][model]["pipeline"], resolution=config["models"][model]["resolution"])
+                pipeline=config["models"][model]["pipeline"], resolution=config["models"][model]["resolution"],
+                baseline_inductor=merged(config, model, "engine")["inductor"])
 
 
 def reference_settings(config, model):

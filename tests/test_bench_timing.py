@@ -76,3 +76,39 @@ def test_capture_runs_the_step_without_autograd(monkeypatch):
     grad_modes = []
     graph, out = timing.capture_cuda_graph(lambda: grad_modes.append(timing.torch.is_grad_enabled()) or "out")
     assert out == "out" and grad_modes == [False] * 4  # 3 warm-up calls and the captured one
+
+
+def test_baseline_compiles_with_the_engines_inductor_settings(tiny_xl_dir, tmp_path, monkeypatch):
+    """engine.inductor reaches the bench's torch.compile baseline (like for like), and the config
+    slice the bench rule tracks holds it, so changing it reruns the bench."""
+    import copy
+
+    import yaml
+
+    from quantdiff.config import bench_settings, validate_config
+
+    from conftest import ROOT
+
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["engine"]["inductor"] = {"triton.multi_kernel": 1}
+    config["models"]["xl-turbo"]["engine"] = {"inductor": {}}
+    validated = validate_config(copy.deepcopy(config), root=ROOT)
+    assert bench_settings(validated, "tiny-xl", "fp8")["baseline_inductor"] == {"triton.multi_kernel": 1}
+    assert bench_settings(validated, "xl-turbo", "fp8")["baseline_inductor"] == {}
+
+    class Compiled(Exception):
+        pass
+
+    def compile_(module, options=None):
+        raise Compiled(options)
+
+    monkeypatch.setattr(bench_run, "load_engine_unet", lambda backend, path, plain: plain)  # a working "engine"
+    monkeypatch.setattr(bench_run.torch, "compile", compile_)
+    settings = {"model": "tiny-xl", "precision": "fp8", "quant_level": 4, "guidance": 5.0, "batch_size": 1,
+                "resolution": 64, "steps": 2, "warmup": 1, "iters": 2, "seed": 0, "n_prompts": 1,
+                "prompts": str(ROOT / "config/prompts/evaluation.txt"), "baseline_inductor": {"max_autotune": True}}
+    out = {name: tmp_path / name for name in ("bench.json", "images", "grid.png", "sqnr.png")}
+    with pytest.raises(Compiled) as compiled:
+        bench_run.run_bench(tiny_xl_dir, tmp_path / "engine.pt2", "torch", tmp_path / "reference", settings, out,
+                            log=lambda *_: None)
+    assert compiled.value.args == ({"max_autotune": True},)

@@ -82,8 +82,10 @@ def run_bench(model_dir, engine_path, backend, reference_dir, settings, out, log
     engine_pipeline = time_calls(pipeline_run(pipe, engine, cases[0], settings), 1, PIPELINE_ITERS, device)
     log(f"engine: UNet step median {engine_step['median']:.2f} ms, pipeline {engine_pipeline['median']:.1f} ms")
 
-    log("baseline: torch.compile of the plain UNet (compiling...)")
-    compiled = torch.compile(device_layout(plain, device))  # the layout the engine was built in
+    baseline_inductor = settings.get("baseline_inductor") or {}
+    log(f"baseline: torch.compile of the plain UNet, Inductor settings {baseline_inductor} (compiling...)")
+    # the layout the engine was built in, and its Inductor settings
+    compiled = torch.compile(device_layout(plain, device), options=baseline_inductor or None)
     with PeakMemory(device, module_bytes(plain)) as base_mem:
         base_step = time_calls(unet_step(compiled, inputs), max(warmup, 1), iters, device)
     base_pipeline = time_calls(pipeline_run(pipe, compiled, cases[0], settings), 1, PIPELINE_ITERS, device)
@@ -112,7 +114,8 @@ def run_bench(model_dir, engine_path, backend, reference_dir, settings, out, log
         "timing_method": timing_method(device),
         "unet_step_ms": engine_step, "pipeline_ms": engine_pipeline,
         "baseline": {"name": f"torch.compile {'fp16' if device == 'cuda' else 'fp32 (CPU)'}",
-                     "dtype": str(dtype).replace("torch.", ""), "unet_step_ms": base_step, "pipeline_ms": base_pipeline},
+                     "dtype": str(dtype).replace("torch.", ""), "unet_step_ms": base_step, "pipeline_ms": base_pipeline,
+                     "inductor": baseline_inductor},
         "speedup_vs_baseline": {"unet": round(base_step["median"] / engine_step["median"], 4),
                                 "pipeline": round(base_pipeline["median"] / engine_pipeline["median"], 4)},
         "peak_memory_mb": {"engine": engine_mem.mb, "baseline": base_mem.mb},
