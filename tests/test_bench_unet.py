@@ -49,6 +49,46 @@ def test_table_shows_the_time_not_in_any_kind():
     assert "1.120" in lines[1] and "0.61" in lines[1]
 
 
+def test_error_bound_is_the_measured_one_and_flags_what_passes_it():
+    """The bound on the error against fake quant exists where it was measured (SDXL at 1024 px,
+    batch 2); a row past it is marked in the table and named for the exit status."""
+    assert bench_unet.error_bound("sdxl-base-1.0", "fp8", 2, 1024) == 0.075
+    assert bench_unet.error_bound("sdxl-base-1.0", "int8", 2, 1024) == 0.05
+    # (every measured error, docs/PERF.md, is inside it: fp8 up to 0.0677, int8 up to 0.0448)
+    assert bench_unet.error_bound("sdxl-base-1.0", "fp8", 1, 1024) is None  # no measured bound there
+    assert bench_unet.error_bound("sdxl-base-1.0", "fp8", 2, 512) is None
+    assert bench_unet.error_bound("sd-1.5", "int8", 2, 1024) is None
+    row = {"ms": 30.0, "cuda_graph_ms": 30.0, "launched_ms": 40.0, "speedup": 1.0, "tflops": 400.0,
+           "footprint_mb": 2800, "device_ms_by_kind": {"gemm": 10.0, "conv": 1.0, "attention": 4.0, "triton": 8.0}}
+    rows = [row | {"variant": "inside", "rel_err_vs_fakequant": 0.0671, "within_error_bound": True},
+            row | {"variant": "past", "rel_err_vs_fakequant": 0.2, "within_error_bound": False},
+            row | {"variant": "unbounded", "rel_err_vs_fakequant": 0.3, "within_error_bound": None}]
+    lines = []
+    bench_unet.print_table(rows, lines.append)
+    assert [line.split()[-2] for line in lines[1:]] == ["0.0671", "0.2!", "0.3"]
+    assert bench_unet.past_error_bound(rows) == ["past"]
+
+
+def test_every_recorded_gpu_run_is_inside_the_error_bound():
+    """The bound is the measurements': every 8-bit row of docs/perf's UNet benches (18 runs on an H200)."""
+    import json
+    import re
+
+    from conftest import ROOT
+
+    checked = 0
+    for path in sorted((ROOT / "docs" / "perf").glob("unet-bench-*.json")):
+        run = json.loads(path.read_text())
+        for row in run["rows"]:
+            if "rel_err_vs_fakequant" not in row:
+                continue
+            precision = re.match(r"torch engine (int8|fp8) ", row["variant"]).group(1)
+            bound = bench_unet.error_bound(run["arch"], precision, run["batch"], run["resolution"])
+            assert row["rel_err_vs_fakequant"] <= bound, (path.name, row["variant"])
+            checked += 1
+    assert checked >= 24
+
+
 def test_relative_error():
     ref = torch.tensor([3.0, 4.0])
     assert bench_unet.relative_error(ref, ref) == 0.0
