@@ -419,6 +419,41 @@ def test_truncated_engine_is_corrupt(int8_engine, tmp_path):
         te.load_engine(cut)
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_self_check_passes_a_good_package_and_deletes_a_wrong_one(int8_pair, int8_engine, tmp_path):
+    """engines.check: the package, run in a fresh process on the example inputs, against the module it
+    was exported from (measured 3.3e-2 here: int8 1-LSB flips compounding, as in the round trip). A
+    package whose output differs past the
+    bound, or that does not run, is deleted and named (the H200's NaN package would have stopped here)."""
+    from quantdiff.engines.check import CHECK_BOUND, check_engine
+    from quantdiff.errors import EngineOutputError
+
+    real = int8_pair[1]
+    path, _ = int8_engine
+    eager, inputs = te.export_module(real).eval(), te.engine_inputs(real, unet_inputs(2, 5))
+    copy_ = tmp_path / "engine.pt2"
+    copy_.write_bytes(path.read_bytes())
+    said = []
+    result = check_engine(copy_, eager, inputs, log=said.append)
+    assert 0 < result["rel_err_vs_eager"] < 0.08 and result["bound"] == CHECK_BOUND == 0.25
+    assert result["shape"] == list(inputs[0].shape) and copy_.is_file()
+    assert said and said[0].startswith("engine: self-check on sample [2, 4, 16, 16]: relative error")
+
+    doubled = lambda *x: 2 * eager(*x)  # noqa: E731 - the package then gives half of "its" model's output
+    with pytest.raises(EngineOutputError, match=r"engine.pt2: the packaged engine's output on the build's example "
+                                                r"inputs .sample \[2, 4, 16, 16\]. differs from the model it was "
+                                                r"built from: relative error 0.[45]\d* .bound 0.25.. It was deleted"):
+        check_engine(copy_, doubled, inputs, log=said.append)
+    assert not copy_.exists()
+
+    copy_.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # one that does not load
+    with pytest.raises(EngineOutputError, match=r"the packaged engine did not run on the build's example inputs "
+                                                r"\(exit status 1\): .*CorruptArtifactError"):
+        check_engine(copy_, eager, inputs, log=said.append)
+    assert not copy_.exists()
+
+
 def test_garbage_engine_is_corrupt(tmp_path):
     garbage = tmp_path / "garbage.pt2"
     garbage.write_bytes(b"not a package")
@@ -544,7 +579,7 @@ def test_fp8_engine_build_records_its_attention(tmp_path, monkeypatch, fp8_pair)
     monkeypatch.setattr(te.torch._inductor, "aoti_compile_and_package",
                         lambda program, package_path, inductor_configs: Path(package_path).write_bytes(b"package"))
     info = te.build_torch_engine(copy.deepcopy(fp8_pair[0]), "fp8", unet_inputs(2, 1), tmp_path / "engine.pt2",
-                                 dynamic=False, log=lambda *_: None, fp8_attention="triton")
+                                 dynamic=False, log=lambda *_: None, fp8_attention="triton", self_check=False)
     assert info["fp8_attention"] == {"setting": "triton", "kernel": "sdpa"}
     assert "int8_gemm" not in info and info["counts"]["attention_fp8"] == 8
 
@@ -556,7 +591,7 @@ def test_int8_engine_build_sets_and_records_its_gemm(tmp_path, monkeypatch, int8
                         lambda program, package_path, inductor_configs: Path(package_path).write_bytes(b"package"))
     fake = copy.deepcopy(int8_pair[0])
     info = te.build_torch_engine(fake, "int8", unet_inputs(2, 1), tmp_path / "engine.pt2", dynamic=False,
-                                 log=lambda *_: None, int8_gemm="triton", conv_patches="triton")
+                                 log=lambda *_: None, int8_gemm="triton", conv_patches="triton", self_check=False)
     assert info["int8_gemm"] == {"setting": "triton", "kernel": "int_mm"}
     assert info["conv_patches"] == {"setting": "triton", "kernel": "inductor"}
     assert "fp8_attention" not in info  # an int8 engine has none
@@ -569,7 +604,7 @@ def test_int8_engine_build_sets_and_records_its_gemm(tmp_path, monkeypatch, int8
                          ({"geglu": "triton"}, "engine.geglu is triton, which the torch engine")):
         with pytest.raises(ConfigError, match=message):
             te.build_torch_engine(copy.deepcopy(int8_pair[0]), "int8", unet_inputs(2, 1), tmp_path / "other.pt2",
-                                  dynamic=False, log=lambda *_: None, **bad)
+                                  dynamic=False, log=lambda *_: None, self_check=False, **bad)
     assert not (tmp_path / "other.pt2").exists()
 
 

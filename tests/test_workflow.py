@@ -54,6 +54,9 @@ def test_main_job_outputs(work):
     assert (work / "results/tiny-xl-shapes/reference/manifest.json").is_file()
     assert json.loads((work / "results/tiny-xl-shapes/int8/export.json").read_text())["layers_by_kind"] == {
         "conv": 26, "ff": 24, "qkv": 72, "linear": 36}
+    # the package ran in a fresh process on the build's inputs, against the model it was built from
+    check = json.loads((work / "results/tiny-xl-shapes/int8/engine_torch.json").read_text())["build"]["self_check"]
+    assert 0 <= check["rel_err_vs_eager"] < check["bound"] == 0.25
     assert not list(work.rglob("*.partial"))
 
 

@@ -48,6 +48,11 @@ class _SDXLUNetInputs(_SDUNetInputs):
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
+def export_module(unet):
+    """`unet` as the engine's graph takes it: positional inputs (engine_inputs), one tensor out."""
+    return (_SDXLUNetInputs if is_sdxl(unet) else _SDUNetInputs)(unet)
+
+
 def engine_inputs(unet, example_inputs):
     return _positional(example_inputs, is_sdxl(unet))
 
@@ -187,7 +192,7 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
     package bytes, dynamic dims, shape ranges, counts, the Inductor settings.
     """
     unet = unet.eval()
-    wrapper = (_SDXLUNetInputs if is_sdxl(unet) else _SDUNetInputs)(unet)
+    wrapper = export_module(unet)
     inputs = engine_inputs(unet, example_inputs)
     example = _example_ranges(inputs)
     ranges = usable_ranges(unet, ranges or default_ranges(unet)) if dynamic else example
@@ -326,8 +331,11 @@ def device_layout(unet, device):
 
 
 def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None,
-                       inductor=None, int8_gemm="auto", conv_patches="auto", fp8_attention="auto", geglu="auto"):
-    """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package.
+                       inductor=None, int8_gemm="auto", conv_patches="auto", fp8_attention="auto", geglu="auto",
+                       self_check=True):
+    """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is), package, and
+    (`self_check`) run the package on the example inputs against the converted model (engines.check),
+    which deletes an engine whose output is wrong and raises.
 
     `int8_gemm`, `conv_patches`, `fp8_attention`, `geglu`: the settings of the 8-bit modules' GPU kernels, resolved for the
     model's device (gemm8.resolve_kernels). Returns package_engine's info dict plus precision,
@@ -350,6 +358,10 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     unet = device_layout(unet, next(unet.parameters()).device)  # after conversion, which makes new modules
     info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges,
                           inductor=inductor)
+    if self_check:
+        from quantdiff.engines.check import check_engine
+
+        info["self_check"] = check_engine(out_path, export_module(unet).eval(), engine_inputs(unet, example_inputs), log)
     info["precision"] = precision
     settings = {"int8_gemm": int8_gemm, "conv_patches": conv_patches, "fp8_attention": fp8_attention, "geglu": geglu}
     for name, kernel in kernels.items():
