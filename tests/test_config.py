@@ -147,3 +147,14 @@ def test_unknown_model_or_precision_target_is_refused(tmp_path):
         proc = snakemake(work, "--dry-run", target, check=False)
         assert proc.returncode != 0
         assert "MissingRuleException" in proc.stdout or "No rule to produce" in proc.stdout
+
+
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (ROOT / "config" / "overlays").glob("*.yaml")))
+def test_shipped_overlays_validate_on_the_config(config, overlay):
+    """Each overlay, merged onto config.yaml as `--configfile config/config.yaml OVERLAY` merges it."""
+    from snakemake.utils import update_config
+
+    update_config(config, yaml.safe_load((ROOT / "config" / "overlays" / overlay).read_text()))
+    validated = validate_config(config, root=ROOT)
+    if overlay == "multi-kernel.yaml":
+        assert engine_settings(validated, "xl-1.0-arch", "fp8")["inductor"] == {"triton.multi_kernel": 1}
