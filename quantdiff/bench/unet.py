@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..engines.check import relative_error
 from ..io import write_json
 from .timing import cuda_bytes_beside_allocator, module_bytes, time_calls, time_cuda_graph
 
@@ -60,10 +61,6 @@ def error_bound(arch, precision, batch, resolution):
 def past_error_bound(rows):
     """The variants whose error against fake quant is past their measured bound."""
     return [r["variant"] for r in rows if r.get("within_error_bound") is False]
-
-
-def relative_error(reference, test):
-    return float((test.float() - reference.float()).norm() / reference.float().norm())
 
 
 def count_flops(unet, inputs):

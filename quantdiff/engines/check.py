@@ -27,6 +27,7 @@ CHECK_BOUND = 0.25
 
 
 def relative_error(reference, test):
+    """||test - reference|| / ||reference|| in float32 (bench.unet's error columns too)."""
     return float((test.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
 
 
@@ -52,6 +53,8 @@ def check_engine(engine_path, eager, inputs, log=print, bound=CHECK_BOUND):
     with the positional `inputs`). Returns {"rel_err_vs_eager", "bound", "shape"}; raises
     EngineOutputError, deleting the package, when its output is not finite or past `bound`."""
     expected = eager(*inputs)
+    if expected.is_cuda:
+        torch.cuda.empty_cache()  # the package loads in another process, on the same GPU
     try:
         got = packaged_output(engine_path, inputs)
     except EngineOutputError:
