@@ -424,8 +424,8 @@ def test_truncated_engine_is_corrupt(int8_engine, tmp_path):
 def test_self_check_passes_a_good_package_and_deletes_a_wrong_one(int8_pair, int8_engine, tmp_path):
     """engines.check: the package, run in a fresh process on the example inputs, against the module it
     was exported from (measured 3.3e-2 here: int8 1-LSB flips compounding, as in the round trip). A
-    package whose output differs past the
-    bound, or that does not run, is deleted and named (the H200's NaN package would have stopped here)."""
+    package whose output differs past the bound, or that does not run, is deleted and named (the
+    H200's NaN package would have stopped here)."""
     from quantdiff.engines.check import CHECK_BOUND, check_engine
     from quantdiff.errors import EngineOutputError
 
