@@ -18,8 +18,9 @@ ENGINE_FILENAMES = {"tensorrt": "engine.plan", "torch": "engine.pt2"}
 # use instead. Both kernels make their TMA descriptors on the GPU, in scratch memory their launcher
 # provides: under torch.compile they give the fake-quant model's output, but an int8 tiny-xl package
 # with them made NaN images on an H200 (torch 2.11, docs/PERF.md), as if its C++ launcher sized
-# that scratch for one program rather than the grid (a bug pytorch/pytorch#175385 fixed). They
-# were not faster there either. bench.unet still times them through torch.compile.
+# that scratch for one program rather than the grid (a bug of that kind: pytorch/pytorch#175385;
+# the cause is not established). They were not faster either. bench.unet still times them through
+# torch.compile.
 UNPACKAGED_KERNELS = {"int8_gemm": ("triton-tma", "triton"), "geglu": ("triton", "inductor")}
 
 
