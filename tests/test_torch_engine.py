@@ -17,6 +17,7 @@ import torch.nn.functional as F
 mtq = pytest.importorskip("modelopt.torch.quantization")
 diffusers = pytest.importorskip("diffusers")
 
+from quantdiff.engines import qattention  # noqa: E402
 from quantdiff.engines import qmodules as qm  # noqa: E402
 from quantdiff.engines import torch as te  # noqa: E402
 from quantdiff.errors import ConfigError, CorruptArtifactError  # noqa: E402
@@ -200,7 +201,7 @@ def test_fp8_attention_through_the_triton_kernel(fp8_pair, monkeypatch, kernel, 
             context = None if name.endswith("attn1") else torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(i))
             expected = attn(x, encoder_hidden_states=context)  # on the CPU: SDPA, whatever the setting
             with monkeypatch.context() as gpu:
-                gpu.setattr(qm, "resolve_fp8_attention", lambda choice, device: choice)  # as on a GPU
+                gpu.setattr(qattention, "resolve_fp8_attention", lambda choice, device: choice)  # as on a GPU
                 out = attn(x, encoder_hidden_states=context)
             assert rel_rms(out, expected) < bound, name
     finally:

@@ -1,10 +1,12 @@
-"""Real 8-bit modules built from a calibrated ModelOpt fake-quant UNet.
+"""Real 8-bit modules built from a calibrated ModelOpt fake-quant UNet, and the conversion of a whole UNet.
 
 ModelOpt's fake quant keeps float weights and rounds activations and weights onto the 8-bit grid
 on every call. Here the static scales from calibration are frozen, weights are stored in 8 bits,
-and linears run an 8-bit GEMM. Each module keeps `reference_forward`: the fake-quant formula in
-plain PyTorch, bit-identical to ModelOpt's CPU path, so tests can tell rounding from bugs.
+and linears and convs run 8-bit GEMMs. Each module keeps `reference_forward`: the fake-quant
+formula in plain PyTorch, bit-identical to ModelOpt's CPU path, so tests can tell rounding from bugs.
 
+The modules: qlinear (StaticQuant, Int8Linear, FP8Linear), qattention (QuantAttnProcessor), and
+here the GEGLU feed-forward and the conv; then the conversion and the setters of the GPU kernels.
 Quantization grids: quantdiff/quant/grids.py (ModelOpt's, bit for bit).
 """
 from collections import Counter
@@ -14,14 +16,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quantdiff.engines import triton_gemm
-from quantdiff.engines.gemm8 import (conv2d_as_gemm, fp8_matmul, int8_linear, int8_out_scale, resolve_conv_patches,
-                                      resolve_fp8_attention, resolve_geglu)
+from quantdiff.engines.gemm8 import conv2d_as_gemm, int8_out_scale, resolve_conv_patches, resolve_geglu
+from quantdiff.engines.qattention import QuantAttnProcessor
+from quantdiff.engines.qlinear import (FP8_FAST_ACCUM, FP8Linear, Int8Linear, StaticQuant, _copy_or_none,
+                                       _dequantize_weight, _Linear8, _weight_8bit, quantizer_format)
 from quantdiff.errors import ConfigError
-from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8, zero_pad_last_dim
+from quantdiff.quant.grids import zero_pad_last_dim
 
-# cuBLASLt's fp8 fast accumulation on the GPU (fewer promotions of the partial sums to float32):
-# measured 7e-4 to 1.5e-3 relative error per GEMM on SDXL's shapes (docs/PERF.md, bench.gemm).
-FP8_FAST_ACCUM = True
+__all__ = ["StaticQuant", "Int8Linear", "FP8Linear", "QuantAttnProcessor", "GEGLUFeedForward", "QuantConv2d",
+           "InputQuantized", "quantizer_format", "convert_to_real_quant", "apply_kernels", "set_int8_gemm",
+           "set_conv_patches", "set_fp8_attention", "set_geglu", "remaining_modelopt_modules"]
+
 # A conv as a GEMM first writes its patch matrix (kh*kw times the input); that costs about 1/N of
 # the GEMM's own time for N output channels. On an H200 (SDXL, docs/PERF.md), with Inductor writing
 # the patches, the 8-bit GEMM beat cuDNN's fp16 conv from 640 output channels up and lost at 320.
@@ -30,180 +35,6 @@ GEMM_MIN_OUT_CHANNELS = 640
 # step from 26.03 to 25.66 ms (1.224x and 1.240x of fp16, each against its own baseline); int8 keeps
 # 640: its GEMM at 320 columns lost to cuDNN fp16 in bench.gemm --convs (not measured in the UNet).
 GEMM_MIN_OUT_CHANNELS_TRITON_PATCHES = {"fp8": 0, "int8": 640}
-
-
-def quantizer_format(quantizer, where):
-    """'int8' or 'fp8' for an enabled, calibrated ModelOpt TensorQuantizer; ConfigError otherwise."""
-    if quantizer.block_sizes:
-        raise ConfigError(f"{where}: block quantization is not supported by the torch engine")
-    if quantizer.amax is None:
-        raise ConfigError(f"{where}: quantizer has no amax; calibrate the model first")
-    if quantizer.num_bits == (4, 3):
-        return "fp8"
-    if quantizer.num_bits == 8 and not quantizer.unsigned:
-        return "int8"
-    raise ConfigError(f"{where}: num_bits={quantizer.num_bits} unsigned={quantizer.unsigned} "
-                      "is not an 8-bit format the torch engine supports (int8 signed, fp8 e4m3)")
-
-
-def _copy_or_none(t):
-    return None if t is None else t.detach().clone()
-
-
-# ---------------------------------------------------------------- activations
-
-class StaticQuant(nn.Module):
-    """Quantize->dequantize with a frozen per-tensor scale: exact emulation of a ModelOpt quantizer."""
-
-    def __init__(self, fmt, amax, narrow_range=True, pre_quant_scale=None):
-        super().__init__()
-        self.fmt = fmt
-        self.min_bound = -INT8_MAX if narrow_range else -INT8_MAX - 1
-        to_grid, back = (int8_scales if fmt == "int8" else fp8_scales)(amax)
-        self.register_buffer("to_grid", to_grid)
-        self.register_buffer("back", back)  # int8: divisor; fp8: multiplier (as ModelOpt does)
-        self.register_buffer("pre_quant_scale", _copy_or_none(pre_quant_scale))
-
-    @classmethod
-    def from_quantizer(cls, quantizer, where):
-        fmt = quantizer_format(quantizer, where)
-        return cls(fmt, quantizer.amax, quantizer.narrow_range, quantizer.pre_quant_scale)
-
-    def same_grid(self, other):
-        """True when `other` quantizes every input to the same 8-bit tensor (format, bounds, scale
-        and smoothing all equal): e.g. q, k and v projections calibrated on one input."""
-        smoothing = (self.pre_quant_scale, other.pre_quant_scale)
-        return (self.fmt == other.fmt and self.min_bound == other.min_bound
-                and torch.equal(self.to_grid, other.to_grid) and torch.equal(self.back, other.back)
-                and (smoothing == (None, None)
-                     or None not in smoothing and smoothing[0].shape == smoothing[1].shape
-                     and torch.equal(*smoothing)))
-
-    def quantize(self, x):
-        """8-bit tensor on the grid (pre_quant_scale not applied: callers do that)."""
-        if self.fmt == "int8":
-            return quantize_int8(x, self.to_grid, self.min_bound)
-        return quantize_fp8(x, self.to_grid)
-
-    def dequantize(self, q, dtype):
-        if self.fmt == "int8":
-            return (q.float() / self.back).to(dtype)
-        return (q.float() * self.back).to(dtype)
-
-    def forward(self, x):
-        if self.pre_quant_scale is not None:
-            x = x * self.pre_quant_scale
-        return self.dequantize(self.quantize(x), x.dtype)
-
-
-def _weight_8bit(weight, quantizer, where):
-    """(fmt, 8-bit weight, per-channel or per-tensor dequant factor) from a weight quantizer."""
-    fmt = quantizer_format(quantizer, where)
-    amax = quantizer.amax.float()
-    if fmt == "int8":
-        to_grid, divisor = int8_scales(amax)
-        min_bound = -INT8_MAX if quantizer.narrow_range else -INT8_MAX - 1
-        return fmt, quantize_int8(weight.detach(), to_grid, min_bound), divisor
-    if amax.numel() != 1:
-        raise ConfigError(f"{where}: fp8 weights must be per-tensor (axis=None) for the torch engine")
-    to_grid, back = fp8_scales(amax.reshape(()))
-    return fmt, quantize_fp8(weight.detach(), to_grid), back
-
-
-def _dequantize_weight(fmt, q, factor, dtype):
-    if fmt == "int8":
-        return (q.float() / factor).to(dtype)
-    return (q.float() * factor).to(dtype)
-
-
-def _round_up(n, multiple):
-    return -(-n // multiple) * multiple
-
-
-# ---------------------------------------------------------------- linears
-
-class _Linear8(nn.Module):
-    """What the two 8-bit linears share: quantize the input (its smoothing applied) onto `act`'s grid,
-    then `from_quantized`, the GEMM, which each defines."""
-
-    def forward(self, x):
-        lead = x.shape[:-1]
-        out = self.from_quantized(self.quantize_input(x.reshape(-1, self.in_features)), x.dtype)
-        return out.reshape(*lead, self.out_features)
-
-    def quantize_input(self, x):
-        """x (m, in_features) on this layer's 8-bit grid (its pre-quant scale, SmoothQuant's, applied)."""
-        if self.act.pre_quant_scale is not None:
-            x = x * self.act.pre_quant_scale
-        return self.act.quantize(x)
-
-
-class Int8Linear(_Linear8):
-    """INT8 weight (per-channel) x INT8 activation (per-tensor static) linear, int32 accumulate."""
-
-    int8_gemm = "auto"  # the GPU kernel (gemm8.resolve_int8_gemm); set_int8_gemm sets a whole model
-
-    def __init__(self, qlinear, where="linear"):
-        super().__init__()
-        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
-        self.act = StaticQuant.from_quantizer(qlinear.input_quantizer, f"{where}.input_quantizer")
-        fmt, wq, w_div = _weight_8bit(qlinear.weight, qlinear.weight_quantizer, f"{where}.weight_quantizer")
-        if fmt != "int8" or self.act.fmt != "int8":
-            raise ConfigError(f"{where}: Int8Linear needs int8 weight and input quantizers")
-        w_div = w_div.reshape(-1) if w_div.numel() > 1 else w_div.reshape(()).expand(self.out_features)
-        # Zero-pad k and n to multiples of 8 (cuBLASLt int8); zeros add nothing to the sums.
-        k_pad, n_pad = _round_up(self.in_features, 8), _round_up(self.out_features, 8)
-        self.register_buffer("weight", F.pad(wq, (0, k_pad - self.in_features, 0, n_pad - self.out_features)))
-        self.register_buffer("weight_divisor", w_div.clone())  # weight_int8 / divisor = fake-quant weight
-        self.register_buffer("out_scale", int8_out_scale(self.act.to_grid, w_div, self.out_features))
-        self.register_buffer("bias", _copy_or_none(qlinear.bias))
-
-    def from_quantized(self, xq, dtype):
-        """The (m, out_features) output in dtype from an input already on this layer's grid."""
-        xq = zero_pad_last_dim(xq, self.weight.shape[1])
-        return int8_linear(xq, self.weight, self.out_scale, self.bias, dtype, self.int8_gemm)
-
-    def dequantized_weight(self, dtype=torch.float32):
-        w = self.weight[: self.out_features, : self.in_features]
-        return _dequantize_weight("int8", w, self.weight_divisor[:, None], dtype)
-
-    def reference_forward(self, x):
-        """ModelOpt's fake-quant formula: linear(fakequant(x * pqs), fakequant(W)) + b."""
-        return F.linear(self.act(x), self.dequantized_weight(x.dtype), self.bias)
-
-
-class FP8Linear(_Linear8):
-    """FP8 e4m3 per-tensor weight x activation linear through torch._scaled_mm."""
-
-    fast_accum = FP8_FAST_ACCUM
-
-    def __init__(self, qlinear, where="linear"):
-        super().__init__()
-        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
-        self.act = StaticQuant.from_quantizer(qlinear.input_quantizer, f"{where}.input_quantizer")
-        fmt, wq, w_back = _weight_8bit(qlinear.weight, qlinear.weight_quantizer, f"{where}.weight_quantizer")
-        if fmt != "fp8" or self.act.fmt != "fp8":
-            raise ConfigError(f"{where}: FP8Linear needs fp8 (4, 3) weight and input quantizers")
-        # cuBLASLt fp8 wants k and n multiples of 16: pad once here (zeros are exact in e4m3).
-        k_pad, n_pad = _round_up(self.in_features, 16), _round_up(self.out_features, 16)
-        wq = F.pad(wq.view(torch.int8), (0, k_pad - self.in_features, 0, n_pad - self.out_features))
-        self.register_buffer("weight", wq.view(torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", w_back.reshape(()).clone())  # 0-dim: export wants both
-        self.register_buffer("bias", _copy_or_none(qlinear.bias))
-
-    def from_quantized(self, xq, dtype):
-        """The (m, out_features) output in dtype from an input (m, in_features) already on this
-        layer's e4m3 grid (self.act.to_grid): what an fp8 producer hands over (fp8 attention)."""
-        xq = zero_pad_last_dim(xq, self.weight.shape[1])
-        out = fp8_matmul(xq, self.weight, self.act.back, self.weight_scale, dtype, self.bias, self.fast_accum)
-        return out if out.shape[1] == self.out_features else out[:, : self.out_features]
-
-    def dequantized_weight(self, dtype=torch.float32):
-        w = self.weight[: self.out_features, : self.in_features]
-        return _dequantize_weight("fp8", w, self.weight_scale, dtype)
-
-    def reference_forward(self, x):
-        return F.linear(self.act(x), self.dequantized_weight(x.dtype), self.bias)
 
 
 # ---------------------------------------------------------------- GEGLU feed-forwards
@@ -337,138 +168,6 @@ class QuantConv2d(nn.Module):
         weight = self.dequantized_weight(x.dtype).contiguous(memory_format=layout)
         return F.conv2d(self.act(x), weight, self.bias,
                         self.stride, self.padding, self.dilation, self.groups)
-
-
-# ---------------------------------------------------------------- attention
-
-class QuantAttnProcessor:
-    """diffusers attention processor with static q/k/v (and softmax) quantize-dequantize.
-
-    ModelOpt's Attention plugin swaps F.scaled_dot_product_attention for a version that quantizes
-    q, k, v and runs plain SDPA: with the default AttnProcessor2_0 the softmax output is never
-    quantized. Only the bmm path (classic AttnProcessor) passes the softmax through its quantizer;
-    `quantize_softmax` reproduces that. The quantizers live on the Attention module as q_quant,
-    k_quant, v_quant and softmax_quant so that .to() and state_dict carry them (`quantize_qkv`
-    False: there are none, and the attention is diffusers' AttnProcessor2_0).
-
-    `shared_inputs`: groups of the 8-bit q/k/v projections whose input quantizers are the same
-    (StaticQuant.same_grid); those reading one tensor in a call (k and v always, q too in
-    self-attention) quantize it once and each reads that 8-bit tensor: with fp8 every projection of
-    a self-attention is calibrated on the same normalized input, and the kernel before them would
-    otherwise write the same 8-bit tensor three times.
-    """
-
-    def __init__(self, quantize_softmax=False, fp8_attention="sdpa", quantize_qkv=True, shared_inputs=()):
-        self.quantize_softmax = quantize_softmax
-        self.fp8_attention = fp8_attention  # gemm8.resolve_fp8_attention; set_fp8_attention sets a whole model
-        self.quantize_qkv = quantize_qkv
-        self.shared_inputs = shared_inputs
-
-    def runs_fp8_kernel(self, attn, query, attention_mask):
-        """True where the Triton fp8 attention takes this call: fp8 q/k/v quantizers without a
-        pre-quant scale, no mask, no softmax quantizer, a head_dim it handles, on the GPU (where the
-        setting resolves to it)."""
-        from quantdiff.engines import triton_attention
-
-        if not self.quantize_qkv:
-            return False
-        quants = (attn.q_quant, attn.k_quant, attn.v_quant)
-        return (not self.quantize_softmax and attention_mask is None
-                and all(q.fmt == "fp8" and q.pre_quant_scale is None for q in quants)
-                and triton_attention.supports(query.shape[-1])
-                and resolve_fp8_attention(self.fp8_attention, query.device) != "sdpa")
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        image_layout = hidden_states.ndim == 4
-        if image_layout:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, context_len, _ = context.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, context_len, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        self_attention = encoder_hidden_states is None
-        if self_attention:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query, key, value = self._projections(attn, hidden_states, encoder_hidden_states, self_attention)
-
-        head_dim = key.shape[-1] // attn.heads
-
-        def split_heads(t):
-            return t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key, value = split_heads(query), split_heads(key), split_heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        image_shape = (channels, height, width) if image_layout else None
-        if self.runs_fp8_kernel(attn, query, attention_mask):
-            from quantdiff.engines.triton_attention import fp8_attention
-
-            quants = (attn.q_quant, attn.k_quant, attn.v_quant)
-            # an fp8 output projection without smoothing takes the kernel's output on its own grid:
-            # no fp16 write, and no separate quantize kernel between them
-            projection = attn.to_out[0]
-            fused = isinstance(projection, FP8Linear) and projection.act.pre_quant_scale is None
-            hidden_states = fp8_attention(*(q.quantize(t) for q, t in zip(quants, (query, key, value))),
-                                          *(q.back for q in quants),  # SDPA's default scale, as below
-                                          quantize_probs=self.fp8_attention == "triton-fp8-probs",
-                                          out_grid=projection.act.to_grid if fused else None)
-            if fused:
-                merged = hidden_states.transpose(1, 2).reshape(-1, attn.heads * head_dim)  # a view: heads-last
-                projected = projection.from_quantized(merged, query.dtype).reshape(batch, -1, projection.out_features)
-                return self._finish(attn, projected, image_layout, residual, image_shape)
-        else:
-            if self.quantize_qkv:
-                query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)
-            if self.quantize_softmax:
-                scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
-                if attention_mask is not None:
-                    scores = scores + attention_mask
-                probs = attn.softmax_quant(scores.softmax(dim=-1).to(query.dtype))
-                hidden_states = torch.matmul(probs, value)
-            else:
-                hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        return self._finish(attn, attn.to_out[0](hidden_states.to(query.dtype)), image_layout, residual, image_shape)
-
-    def _projections(self, attn, hidden_states, context, self_attention):
-        """to_q(hidden_states), to_k(context), to_v(context), with each group of shared_inputs that
-        reads one tensor in this call quantizing it once."""
-        names, inputs = ("to_q", "to_k", "to_v"), (hidden_states, context, context)
-        outputs = [None] * 3
-        for group in self.shared_inputs:
-            members = [i for i, name in enumerate(names) if name in group and (i > 0 or self_attention)]
-            if len(members) < 2:
-                continue
-            x = inputs[members[0]]
-            xq = getattr(attn, names[members[0]]).quantize_input(x.reshape(-1, x.shape[-1]))
-            for i in members:
-                projection = getattr(attn, names[i])
-                outputs[i] = projection.from_quantized(xq, x.dtype).reshape(*x.shape[:-1], projection.out_features)
-        return [out if out is not None else getattr(attn, name)(x) for out, name, x in zip(outputs, names, inputs)]
-
-    @staticmethod
-    def _finish(attn, projected, image_layout, residual, image_shape):
-        """After the output projection (b, len, out): its dropout, the image layout, the residual."""
-        hidden_states = attn.to_out[1](projected)
-        if image_layout:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(hidden_states.shape[0], *image_shape)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
 
 
 # ---------------------------------------------------------------- conversion

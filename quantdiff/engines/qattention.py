@@ -1,0 +1,138 @@
+"""The attention processor of a real 8-bit UNet: diffusers' attention with ModelOpt's static q/k/v
+(and softmax) quantizers frozen, the FP8 Triton attention kernel where it runs, and one quantized
+input for the q/k/v projections that share an input quantizer."""
+import torch
+import torch.nn.functional as F
+
+from quantdiff.engines.gemm8 import resolve_fp8_attention
+from quantdiff.engines.qlinear import FP8Linear
+
+
+class QuantAttnProcessor:
+    """diffusers attention processor with static q/k/v (and softmax) quantize-dequantize.
+
+    ModelOpt's Attention plugin swaps F.scaled_dot_product_attention for a version that quantizes
+    q, k, v and runs plain SDPA: with the default AttnProcessor2_0 the softmax output is never
+    quantized. Only the bmm path (classic AttnProcessor) passes the softmax through its quantizer;
+    `quantize_softmax` reproduces that. The quantizers live on the Attention module as q_quant,
+    k_quant, v_quant and softmax_quant so that .to() and state_dict carry them (`quantize_qkv`
+    False: there are none, and the attention is diffusers' AttnProcessor2_0).
+
+    `shared_inputs`: groups of the 8-bit q/k/v projections whose input quantizers are the same
+    (StaticQuant.same_grid); those reading one tensor in a call (k and v always, q too in
+    self-attention) quantize it once and each reads that 8-bit tensor: with fp8 every projection of
+    a self-attention is calibrated on the same normalized input, and the kernel before them would
+    otherwise write the same 8-bit tensor three times.
+    """
+
+    def __init__(self, quantize_softmax=False, fp8_attention="sdpa", quantize_qkv=True, shared_inputs=()):
+        self.quantize_softmax = quantize_softmax
+        self.fp8_attention = fp8_attention  # gemm8.resolve_fp8_attention; set_fp8_attention sets a whole model
+        self.quantize_qkv = quantize_qkv
+        self.shared_inputs = shared_inputs
+
+    def runs_fp8_kernel(self, attn, query, attention_mask):
+        """True where the Triton fp8 attention takes this call: fp8 q/k/v quantizers without a
+        pre-quant scale, no mask, no softmax quantizer, a head_dim it handles, on the GPU (where the
+        setting resolves to it)."""
+        from quantdiff.engines import triton_attention
+
+        if not self.quantize_qkv:
+            return False
+        quants = (attn.q_quant, attn.k_quant, attn.v_quant)
+        return (not self.quantize_softmax and attention_mask is None
+                and all(q.fmt == "fp8" and q.pre_quant_scale is None for q in quants)
+                and triton_attention.supports(query.shape[-1])
+                and resolve_fp8_attention(self.fp8_attention, query.device) != "sdpa")
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_layout = hidden_states.ndim == 4
+        if image_layout:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, context_len, _ = context.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        self_attention = encoder_hidden_states is None
+        if self_attention:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query, key, value = self._projections(attn, hidden_states, encoder_hidden_states, self_attention)
+
+        head_dim = key.shape[-1] // attn.heads
+
+        def split_heads(t):
+            return t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = split_heads(query), split_heads(key), split_heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        image_shape = (channels, height, width) if image_layout else None
+        if self.runs_fp8_kernel(attn, query, attention_mask):
+            from quantdiff.engines.triton_attention import fp8_attention
+
+            quants = (attn.q_quant, attn.k_quant, attn.v_quant)
+            # an fp8 output projection without smoothing takes the kernel's output on its own grid:
+            # no fp16 write, and no separate quantize kernel between them
+            projection = attn.to_out[0]
+            fused = isinstance(projection, FP8Linear) and projection.act.pre_quant_scale is None
+            hidden_states = fp8_attention(*(q.quantize(t) for q, t in zip(quants, (query, key, value))),
+                                          *(q.back for q in quants),  # SDPA's default scale, as below
+                                          quantize_probs=self.fp8_attention == "triton-fp8-probs",
+                                          out_grid=projection.act.to_grid if fused else None)
+            if fused:
+                merged = hidden_states.transpose(1, 2).reshape(-1, attn.heads * head_dim)  # a view: heads-last
+                projected = projection.from_quantized(merged, query.dtype).reshape(batch, -1, projection.out_features)
+                return self._finish(attn, projected, image_layout, residual, image_shape)
+        else:
+            if self.quantize_qkv:
+                query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)
+            if self.quantize_softmax:
+                scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+                if attention_mask is not None:
+                    scores = scores + attention_mask
+                probs = attn.softmax_quant(scores.softmax(dim=-1).to(query.dtype))
+                hidden_states = torch.matmul(probs, value)
+            else:
+                hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        return self._finish(attn, attn.to_out[0](hidden_states.to(query.dtype)), image_layout, residual, image_shape)
+
+    def _projections(self, attn, hidden_states, context, self_attention):
+        """to_q(hidden_states), to_k(context), to_v(context), with each group of shared_inputs that
+        reads one tensor in this call quantizing it once."""
+        names, inputs = ("to_q", "to_k", "to_v"), (hidden_states, context, context)
+        outputs = [None] * 3
+        for group in self.shared_inputs:
+            members = [i for i, name in enumerate(names) if name in group and (i > 0 or self_attention)]
+            if len(members) < 2:
+                continue
+            x = inputs[members[0]]
+            xq = getattr(attn, names[members[0]]).quantize_input(x.reshape(-1, x.shape[-1]))
+            for i in members:
+                projection = getattr(attn, names[i])
+                outputs[i] = projection.from_quantized(xq, x.dtype).reshape(*x.shape[:-1], projection.out_features)
+        return [out if out is not None else getattr(attn, name)(x) for out, name, x in zip(outputs, names, inputs)]
+
+    @staticmethod
+    def _finish(attn, projected, image_layout, residual, image_shape):
+        """After the output projection (b, len, out): its dropout, the image layout, the residual."""
+        hidden_states = attn.to_out[1](projected)
+        if image_layout:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(hidden_states.shape[0], *image_shape)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

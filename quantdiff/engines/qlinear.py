@@ -1,0 +1,194 @@
+"""Real 8-bit linears, and the frozen activation quantizer every real 8-bit module uses.
+
+A ModelOpt fake-quant linear keeps float weights and rounds activations and weights onto the 8-bit
+grid on every call. Here the static scales from calibration are frozen, the weight is stored in 8
+bits, and the layer runs an 8-bit GEMM (gemm8). Each keeps `reference_forward`: the fake-quant
+formula in plain PyTorch, bit-identical to ModelOpt's CPU path, so tests can tell rounding from bugs.
+
+Quantization grids: quantdiff/quant/grids.py (ModelOpt's, bit for bit).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quantdiff.engines.gemm8 import fp8_matmul, int8_linear, int8_out_scale
+from quantdiff.errors import ConfigError
+from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8, zero_pad_last_dim
+
+# cuBLASLt's fp8 fast accumulation on the GPU (fewer promotions of the partial sums to float32):
+# measured 7e-4 to 1.5e-3 relative error per GEMM on SDXL's shapes (docs/PERF.md, bench.gemm).
+FP8_FAST_ACCUM = True
+
+
+def quantizer_format(quantizer, where):
+    """'int8' or 'fp8' for an enabled, calibrated ModelOpt TensorQuantizer; ConfigError otherwise."""
+    if quantizer.block_sizes:
+        raise ConfigError(f"{where}: block quantization is not supported by the torch engine")
+    if quantizer.amax is None:
+        raise ConfigError(f"{where}: quantizer has no amax; calibrate the model first")
+    if quantizer.num_bits == (4, 3):
+        return "fp8"
+    if quantizer.num_bits == 8 and not quantizer.unsigned:
+        return "int8"
+    raise ConfigError(f"{where}: num_bits={quantizer.num_bits} unsigned={quantizer.unsigned} "
+                      "is not an 8-bit format the torch engine supports (int8 signed, fp8 e4m3)")
+
+
+def _copy_or_none(t):
+    return None if t is None else t.detach().clone()
+
+
+# ---------------------------------------------------------------- activations
+
+class StaticQuant(nn.Module):
+    """Quantize->dequantize with a frozen per-tensor scale: exact emulation of a ModelOpt quantizer."""
+
+    def __init__(self, fmt, amax, narrow_range=True, pre_quant_scale=None):
+        super().__init__()
+        self.fmt = fmt
+        self.min_bound = -INT8_MAX if narrow_range else -INT8_MAX - 1
+        to_grid, back = (int8_scales if fmt == "int8" else fp8_scales)(amax)
+        self.register_buffer("to_grid", to_grid)
+        self.register_buffer("back", back)  # int8: divisor; fp8: multiplier (as ModelOpt does)
+        self.register_buffer("pre_quant_scale", _copy_or_none(pre_quant_scale))
+
+    @classmethod
+    def from_quantizer(cls, quantizer, where):
+        fmt = quantizer_format(quantizer, where)
+        return cls(fmt, quantizer.amax, quantizer.narrow_range, quantizer.pre_quant_scale)
+
+    def same_grid(self, other):
+        """True when `other` quantizes every input to the same 8-bit tensor (format, bounds, scale
+        and smoothing all equal): e.g. q, k and v projections calibrated on one input."""
+        smoothing = (self.pre_quant_scale, other.pre_quant_scale)
+        return (self.fmt == other.fmt and self.min_bound == other.min_bound
+                and torch.equal(self.to_grid, other.to_grid) and torch.equal(self.back, other.back)
+                and (smoothing == (None, None)
+                     or None not in smoothing and smoothing[0].shape == smoothing[1].shape
+                     and torch.equal(*smoothing)))
+
+    def quantize(self, x):
+        """8-bit tensor on the grid (pre_quant_scale not applied: callers do that)."""
+        if self.fmt == "int8":
+            return quantize_int8(x, self.to_grid, self.min_bound)
+        return quantize_fp8(x, self.to_grid)
+
+    def dequantize(self, q, dtype):
+        if self.fmt == "int8":
+            return (q.float() / self.back).to(dtype)
+        return (q.float() * self.back).to(dtype)
+
+    def forward(self, x):
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        return self.dequantize(self.quantize(x), x.dtype)
+
+
+def _weight_8bit(weight, quantizer, where):
+    """(fmt, 8-bit weight, per-channel or per-tensor dequant factor) from a weight quantizer."""
+    fmt = quantizer_format(quantizer, where)
+    amax = quantizer.amax.float()
+    if fmt == "int8":
+        to_grid, divisor = int8_scales(amax)
+        min_bound = -INT8_MAX if quantizer.narrow_range else -INT8_MAX - 1
+        return fmt, quantize_int8(weight.detach(), to_grid, min_bound), divisor
+    if amax.numel() != 1:
+        raise ConfigError(f"{where}: fp8 weights must be per-tensor (axis=None) for the torch engine")
+    to_grid, back = fp8_scales(amax.reshape(()))
+    return fmt, quantize_fp8(weight.detach(), to_grid), back
+
+
+def _dequantize_weight(fmt, q, factor, dtype):
+    if fmt == "int8":
+        return (q.float() / factor).to(dtype)
+    return (q.float() * factor).to(dtype)
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+# ---------------------------------------------------------------- linears
+
+class _Linear8(nn.Module):
+    """What the two 8-bit linears share: quantize the input (its smoothing applied) onto `act`'s grid,
+    then `from_quantized`, the GEMM, which each defines."""
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        out = self.from_quantized(self.quantize_input(x.reshape(-1, self.in_features)), x.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def quantize_input(self, x):
+        """x (m, in_features) on this layer's 8-bit grid (its pre-quant scale, SmoothQuant's, applied)."""
+        if self.act.pre_quant_scale is not None:
+            x = x * self.act.pre_quant_scale
+        return self.act.quantize(x)
+
+
+class Int8Linear(_Linear8):
+    """INT8 weight (per-channel) x INT8 activation (per-tensor static) linear, int32 accumulate."""
+
+    int8_gemm = "auto"  # the GPU kernel (gemm8.resolve_int8_gemm); set_int8_gemm sets a whole model
+
+    def __init__(self, qlinear, where="linear"):
+        super().__init__()
+        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
+        self.act = StaticQuant.from_quantizer(qlinear.input_quantizer, f"{where}.input_quantizer")
+        fmt, wq, w_div = _weight_8bit(qlinear.weight, qlinear.weight_quantizer, f"{where}.weight_quantizer")
+        if fmt != "int8" or self.act.fmt != "int8":
+            raise ConfigError(f"{where}: Int8Linear needs int8 weight and input quantizers")
+        w_div = w_div.reshape(-1) if w_div.numel() > 1 else w_div.reshape(()).expand(self.out_features)
+        # Zero-pad k and n to multiples of 8 (cuBLASLt int8); zeros add nothing to the sums.
+        k_pad, n_pad = _round_up(self.in_features, 8), _round_up(self.out_features, 8)
+        self.register_buffer("weight", F.pad(wq, (0, k_pad - self.in_features, 0, n_pad - self.out_features)))
+        self.register_buffer("weight_divisor", w_div.clone())  # weight_int8 / divisor = fake-quant weight
+        self.register_buffer("out_scale", int8_out_scale(self.act.to_grid, w_div, self.out_features))
+        self.register_buffer("bias", _copy_or_none(qlinear.bias))
+
+    def from_quantized(self, xq, dtype):
+        """The (m, out_features) output in dtype from an input already on this layer's grid."""
+        xq = zero_pad_last_dim(xq, self.weight.shape[1])
+        return int8_linear(xq, self.weight, self.out_scale, self.bias, dtype, self.int8_gemm)
+
+    def dequantized_weight(self, dtype=torch.float32):
+        w = self.weight[: self.out_features, : self.in_features]
+        return _dequantize_weight("int8", w, self.weight_divisor[:, None], dtype)
+
+    def reference_forward(self, x):
+        """ModelOpt's fake-quant formula: linear(fakequant(x * pqs), fakequant(W)) + b."""
+        return F.linear(self.act(x), self.dequantized_weight(x.dtype), self.bias)
+
+
+class FP8Linear(_Linear8):
+    """FP8 e4m3 per-tensor weight x activation linear through torch._scaled_mm."""
+
+    fast_accum = FP8_FAST_ACCUM
+
+    def __init__(self, qlinear, where="linear"):
+        super().__init__()
+        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
+        self.act = StaticQuant.from_quantizer(qlinear.input_quantizer, f"{where}.input_quantizer")
+        fmt, wq, w_back = _weight_8bit(qlinear.weight, qlinear.weight_quantizer, f"{where}.weight_quantizer")
+        if fmt != "fp8" or self.act.fmt != "fp8":
+            raise ConfigError(f"{where}: FP8Linear needs fp8 (4, 3) weight and input quantizers")
+        # cuBLASLt fp8 wants k and n multiples of 16: pad once here (zeros are exact in e4m3).
+        k_pad, n_pad = _round_up(self.in_features, 16), _round_up(self.out_features, 16)
+        wq = F.pad(wq.view(torch.int8), (0, k_pad - self.in_features, 0, n_pad - self.out_features))
+        self.register_buffer("weight", wq.view(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", w_back.reshape(()).clone())  # 0-dim: export wants both
+        self.register_buffer("bias", _copy_or_none(qlinear.bias))
+
+    def from_quantized(self, xq, dtype):
+        """The (m, out_features) output in dtype from an input (m, in_features) already on this
+        layer's e4m3 grid (self.act.to_grid): what an fp8 producer hands over (fp8 attention)."""
+        xq = zero_pad_last_dim(xq, self.weight.shape[1])
+        out = fp8_matmul(xq, self.weight, self.act.back, self.weight_scale, dtype, self.bias, self.fast_accum)
+        return out if out.shape[1] == self.out_features else out[:, : self.out_features]
+
+    def dequantized_weight(self, dtype=torch.float32):
+        w = self.weight[: self.out_features, : self.in_features]
+        return _dequantize_weight("fp8", w, self.weight_scale, dtype)
+
+    def reference_forward(self, x):
+        return F.linear(self.act(x), self.dequantized_weight(x.dtype), self.bias)
