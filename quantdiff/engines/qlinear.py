@@ -125,6 +125,16 @@ class _Linear8(nn.Module):
             x = x * self.act.pre_quant_scale
         return self.act.quantize(x)
 
+    def _from_modelopt(self, qlinear, where, fmt, fmt_name):
+        """Sizes and the frozen input quantizer from a ModelOpt linear whose quantizers are both `fmt`;
+        returns its 8-bit weight and the weight's dequantize factor."""
+        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
+        self.act = StaticQuant.from_quantizer(qlinear.input_quantizer, f"{where}.input_quantizer")
+        weight_fmt, wq, factor = _weight_8bit(qlinear.weight, qlinear.weight_quantizer, f"{where}.weight_quantizer")
+        if weight_fmt != fmt or self.act.fmt != fmt:
+            raise ConfigError(f"{where}: {type(self).__name__} needs {fmt_name} weight and input quantizers")
+        return wq, factor
+
 
 class Int8Linear(_Linear8):
     """INT8 weight (per-channel) x INT8 activation (per-tensor static) linear, int32 accumulate."""
@@ -133,11 +143,7 @@ class Int8Linear(_Linear8):
 
     def __init__(self, qlinear, where="linear"):
         super().__init__()
-        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
-        self.act = StaticQuant.from_quantizer(qlinear.input_quantizer, f"{where}.input_quantizer")
-        fmt, wq, w_div = _weight_8bit(qlinear.weight, qlinear.weight_quantizer, f"{where}.weight_quantizer")
-        if fmt != "int8" or self.act.fmt != "int8":
-            raise ConfigError(f"{where}: Int8Linear needs int8 weight and input quantizers")
+        wq, w_div = self._from_modelopt(qlinear, where, "int8", "int8")
         w_div = w_div.reshape(-1) if w_div.numel() > 1 else w_div.reshape(()).expand(self.out_features)
         # Zero-pad k and n to multiples of 8 (cuBLASLt int8); zeros add nothing to the sums.
         k_pad, n_pad = _round_up(self.in_features, 8), _round_up(self.out_features, 8)
@@ -167,11 +173,7 @@ class FP8Linear(_Linear8):
 
     def __init__(self, qlinear, where="linear"):
         super().__init__()
-        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
-        self.act = StaticQuant.from_quantizer(qlinear.input_quantizer, f"{where}.input_quantizer")
-        fmt, wq, w_back = _weight_8bit(qlinear.weight, qlinear.weight_quantizer, f"{where}.weight_quantizer")
-        if fmt != "fp8" or self.act.fmt != "fp8":
-            raise ConfigError(f"{where}: FP8Linear needs fp8 (4, 3) weight and input quantizers")
+        wq, w_back = self._from_modelopt(qlinear, where, "fp8", "fp8 (4, 3)")
         # cuBLASLt fp8 wants k and n multiples of 16: pad once here (zeros are exact in e4m3).
         k_pad, n_pad = _round_up(self.in_features, 16), _round_up(self.out_features, 16)
         wq = F.pad(wq.view(torch.int8), (0, k_pad - self.in_features, 0, n_pad - self.out_features))
