@@ -347,8 +347,8 @@ def test_int8_engine_round_trip_dynamic(int8_pair, int8_engine):
     assert path.is_file() and info["package_bytes"] == path.stat().st_size
     factor = 2 ** (len(real.config.block_out_channels) - 1)
     assert info["dynamic_dims"] == info["shape_ranges"] == {
-        "batch": [1, te.MAX_BATCH], "height": [factor, factor * te.MAX_SPATIAL_BLOCKS],
-        "width": [factor, factor * te.MAX_SPATIAL_BLOCKS]}
+        "batch": [1, te.MAX_BATCH], "height": [2 * factor, factor * te.MAX_SPATIAL_BLOCKS],
+        "width": [2 * factor, factor * te.MAX_SPATIAL_BLOCKS]}
     engine = te.EngineUNet.load(path)
     # the config travels as JSON in the package (tuples come back as lists, as from config.json)
     assert engine.config == json.loads(json.dumps(dict(real.config))) and engine.dtype == torch.float32 and engine.device.type == "cpu"
@@ -366,8 +366,15 @@ def test_usable_ranges_round_sides_inwards_to_the_down_factor(int8_pair):
     real = int8_pair[1]
     factor = 2 ** (len(real.config.block_out_channels) - 1)
     assert factor > 1
-    got = te.usable_ranges(real, {"batch": (1, 8), "height": (factor + 1, 5 * factor - 1), "width": (factor, factor)})
-    assert got == {"batch": (1, 8), "height": (2 * factor, 4 * factor), "width": (factor, factor)}
+    got = te.usable_ranges(real, {"batch": (1, 8), "height": (factor + 1, 5 * factor - 1),
+                                  "width": (3 * factor, 3 * factor)})
+    assert got == {"batch": (1, 8), "height": (2 * factor, 4 * factor), "width": (3 * factor, 3 * factor)}
+    # at least 2x the down factor: the deepest feature maps 2x2 (the self-check found 1x1 computed wrongly)
+    got = te.usable_ranges(real, {"batch": (1, 8), "height": (1, 4 * factor), "width": (factor, 2 * factor)})
+    assert got["height"] == (2 * factor, 4 * factor) and got["width"] == (2 * factor, 2 * factor)
+    with pytest.raises(ConfigError, match=rf"engine width range 1..{factor + 1} latents: the engine takes latent "
+                                          rf"sides of at least {2 * factor} .2x its down factor {factor}"):
+        te.usable_ranges(real, {"batch": (1, 8), "height": (1, 4 * factor), "width": (1, factor + 1)})
 
 
 def test_example_outside_the_ranges_is_refused_before_export(int8_pair, tmp_path):
@@ -423,35 +430,40 @@ def test_truncated_engine_is_corrupt(int8_engine, tmp_path):
 @pytest.mark.slow
 @torch.no_grad()
 def test_self_check_passes_a_good_package_and_deletes_a_wrong_one(int8_pair, int8_engine, tmp_path):
-    """engines.check: the package, run in a fresh process on the example inputs, against the module it
-    was exported from (measured 3.3e-2 here: int8 1-LSB flips compounding, as in the round trip). A
-    package whose output differs past the bound, or that does not run, is deleted and named (the
-    H200's NaN package would have stopped here)."""
-    from quantdiff.engines.check import CHECK_BOUND, check_engine
+    """engines.check: the package, run in a fresh process on the example inputs and on the smallest
+    ones its ranges take, against the module it was exported from (measured 3.3e-2 here: int8 1-LSB
+    flips compounding, as in the round trip). A package whose output differs past the bound, or that
+    does not run, is deleted and named (the H200's NaN package would have stopped here)."""
+    from quantdiff.engines.check import CHECK_BOUND, check_engine, smallest_inputs
     from quantdiff.errors import EngineOutputError
 
     real = int8_pair[1]
-    path, _ = int8_engine
+    path, info = int8_engine
     eager, inputs = te.export_module(real).eval(), te.engine_inputs(real, unet_inputs(2, 5))
+    smallest = smallest_inputs(inputs, info["shape_ranges"])
+    factor = info["shape_ranges"]["height"][0]
+    assert [t.shape[0] for t in smallest] == [1] * 5 and smallest[0].shape[2:] == (factor, factor) < (16, 16)
+    assert torch.equal(smallest[0], inputs[0][:1, :, :factor, :factor])
     copy_ = tmp_path / "engine.pt2"
     copy_.write_bytes(path.read_bytes())
     said = []
-    result = check_engine(copy_, eager, inputs, log=said.append)
-    assert 0 < result["rel_err_vs_eager"] < 0.08 and result["bound"] == CHECK_BOUND == 0.25
-    assert result["shape"] == list(inputs[0].shape) and copy_.is_file()
-    assert said and said[0].startswith("engine: self-check on sample [2, 4, 16, 16]: relative error")
+    result = check_engine(copy_, eager, [inputs, smallest], log=said.append)
+    assert [c["shape"] for c in result["by_shape"]] == [[2, 4, 16, 16], [1, 4, factor, factor]]
+    assert 0 < result["rel_err_vs_eager"] == max(c["rel_err_vs_eager"] for c in result["by_shape"]) < 0.08
+    assert result["bound"] == CHECK_BOUND == 0.25 and copy_.is_file()
+    assert said[0].startswith("engine: self-check on sample [2, 4, 16, 16]: relative error") and len(said) == 2
 
     doubled = lambda *x: 2 * eager(*x)  # noqa: E731 - the package then gives half of "its" model's output
-    with pytest.raises(EngineOutputError, match=r"engine.pt2: the packaged engine's output on the build's example "
-                                                r"inputs .sample \[2, 4, 16, 16\]. differs from the model it was "
-                                                r"built from: relative error 0.[45]\d* .bound 0.25.. It was deleted"):
-        check_engine(copy_, doubled, inputs, log=said.append)
+    with pytest.raises(EngineOutputError, match=r"engine.pt2: the packaged engine's output on sample \[2, 4, 16, 16\] "
+                                                r"differs from the model it was built from: relative error 0.[45]\d* "
+                                                r".bound 0.25.. It was deleted"):
+        check_engine(copy_, doubled, [inputs], log=said.append)
     assert not copy_.exists()
 
     copy_.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # one that does not load
     with pytest.raises(EngineOutputError, match=r"the packaged engine did not run on the build's example inputs "
                                                 r"\(exit status 1\): .*CorruptArtifactError"):
-        check_engine(copy_, eager, inputs, log=said.append)
+        check_engine(copy_, eager, [inputs], log=said.append)
     assert not copy_.exists()
 
 

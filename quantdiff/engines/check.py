@@ -1,5 +1,6 @@
 """The torch engine's self-check: its AOTInductor package, loaded in a fresh process, against the
-eager model it was built from, on the build's own example inputs.
+eager model it was built from, on the build's own example inputs and, for a dynamic engine, on
+the smallest inputs it takes (a batch of one runs other GEMM tiles than the example's).
 
 A kernel can be right under torch.compile and wrong inside a package: on an H200 an int8 package
 made NaN images while the same modules compiled gave the fake-quant model's output (docs/PERF.md).
@@ -32,56 +33,71 @@ def relative_error(reference, test):
     return float((test.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
 
 
-def packaged_output(engine_path, inputs):
-    """The package's output on positional `inputs`, computed in a fresh Python process."""
+def smallest_inputs(inputs, shape_ranges):
+    """The positional engine `inputs` cut to the smallest batch, height and width of `shape_ranges`
+    (package_engine's): every input is batch-first, and the sample is (batch, channels, h, w)."""
+    batch, height, width = (shape_ranges[k][0] for k in ("batch", "height", "width"))
+    sample, *rest = inputs
+    return (sample[:batch, :, :height, :width].contiguous(), *(t[:batch].contiguous() for t in rest))
+
+
+def packaged_outputs(engine_path, input_sets):
+    """The package's output on each tuple of positional inputs, computed in a fresh Python process."""
     package_root = str(Path(__file__).resolve().parents[2])  # where `quantdiff` imports from
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory(prefix="quantdiff-engine-check-") as workdir:
         inputs_path, output_path = Path(workdir) / "inputs.pt", Path(workdir) / "output.pt"
-        torch.save(tuple(inputs), inputs_path)
+        torch.save([tuple(inputs) for inputs in input_sets], inputs_path)
         proc = subprocess.run([sys.executable, "-m", "quantdiff.engines.check", str(engine_path), str(inputs_path),
                                str(output_path)], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise EngineOutputError(f"{engine_path}: the packaged engine did not run on the build's example inputs "
                                     f"(exit status {proc.returncode}): {' / '.join(tail)}")
-        return torch.load(output_path, map_location=inputs[0].device)
+        return torch.load(output_path, map_location=input_sets[0][0].device)
 
 
 @torch.no_grad()
-def check_engine(engine_path, eager, inputs, log=print, bound=CHECK_BOUND):
-    """Compare the package at `engine_path` with `eager` (the module it was exported from, called
-    with the positional `inputs`). Returns {"rel_err_vs_eager", "bound", "shape"}; raises
-    EngineOutputError, deleting the package, when its output is not finite or past `bound`."""
-    expected = eager(*inputs)
-    if expected.is_cuda:
+def check_engine(engine_path, eager, input_sets, log=print, bound=CHECK_BOUND):
+    """Compare the package at `engine_path` with `eager` (the module it was exported from) on each
+    tuple of positional inputs in `input_sets`. Returns {"rel_err_vs_eager": the largest, "bound",
+    "by_shape": [{"shape", "rel_err_vs_eager"}, ...]}; raises EngineOutputError, deleting the
+    package, when an output is not finite or past `bound`."""
+    expected = [eager(*inputs) for inputs in input_sets]
+    if expected[0].is_cuda:
         torch.cuda.empty_cache()  # the package loads in another process, on the same GPU
     try:
-        got = packaged_output(engine_path, inputs)
+        outputs = packaged_outputs(engine_path, input_sets)
     except EngineOutputError:
         Path(engine_path).unlink(missing_ok=True)  # it must not look like a finished engine
         raise
-    shape = list(inputs[0].shape)
-    bad = int((~torch.isfinite(got)).sum())
-    err = relative_error(expected, got) if not bad else float("nan")
-    if bad or err > bound:
-        Path(engine_path).unlink(missing_ok=True)  # it must not look like a finished engine
-        why = f"{bad} non-finite values of {got.numel()}" if bad else f"relative error {err:.3g} (bound {bound})"
-        raise EngineOutputError(f"{engine_path}: the packaged engine's output on the build's example inputs (sample "
-                                f"{shape}) differs from the model it was built from: {why}. It was deleted; "
-                                f"rebuild with the default engine.* kernel settings.")
-    log(f"engine: self-check on sample {shape}: relative error {err:.2e} against the eager model")
-    return {"rel_err_vs_eager": err, "bound": bound, "shape": shape}
+    by_shape = []
+    for inputs, want, got in zip(input_sets, expected, outputs):
+        shape = list(inputs[0].shape)
+        bad = int((~torch.isfinite(got)).sum())
+        err = relative_error(want, got) if not bad else float("nan")
+        if bad or err > bound:
+            Path(engine_path).unlink(missing_ok=True)  # it must not look like a finished engine
+            why = f"{bad} non-finite values of {got.numel()}" if bad else f"relative error {err:.3g} (bound {bound})"
+            raise EngineOutputError(f"{engine_path}: the packaged engine's output on sample {shape} differs from the "
+                                    f"model it was built from: {why}. It was deleted; rebuild with the default "
+                                    f"engine.* kernel settings.")
+        log(f"engine: self-check on sample {shape}: relative error {err:.2e} against the eager model")
+        by_shape.append({"shape": shape, "rel_err_vs_eager": err})
+    return {"rel_err_vs_eager": max(c["rel_err_vs_eager"] for c in by_shape), "bound": bound, "by_shape": by_shape}
 
 
 def main(argv):
     from .torch import load_engine
 
     engine_path, inputs_path, output_path = argv
-    inputs = torch.load(inputs_path)
+    runner = load_engine(engine_path)
+    outputs = []
     with torch.no_grad():
-        out = load_engine(engine_path)(*inputs)
-    torch.save(out[0] if isinstance(out, (list, tuple)) else out, output_path)
+        for inputs in torch.load(inputs_path):
+            out = runner(*inputs)
+            outputs.append(out[0] if isinstance(out, (list, tuple)) else out)
+    torch.save(outputs, output_path)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from quantdiff.io import atomic_path
 MAX_BATCH = 63
 # Latent height/width range as multiples of the UNet's overall down factor (SDXL: 8 -> 8..1024 px/8).
 MAX_SPATIAL_BLOCKS = 32
+# ... and at least 2 of them: the deepest feature maps then are 2x2 or larger (usable_ranges says why).
+MIN_SPATIAL_BLOCKS = 2
 INPUT_NAMES_SD = ("sample", "timestep", "encoder_hidden_states")
 INPUT_NAMES_SDXL = INPUT_NAMES_SD + ("text_embeds", "time_ids")
 _METADATA_KEY = "quantdiff"
@@ -79,10 +81,11 @@ def _down_factor(unet):
 
 
 def default_ranges(unet):
-    """Shape ranges of an engine built without a profile: batch 1..63, latent sides up to 32 blocks.
-    (torch.export specializes a size-1 dimension only when the example has it: examples use batch >= 2.)"""
+    """Shape ranges of an engine built without a profile: batch 1..63, latent sides of 2 to 32 blocks
+    (usable_ranges says why not 1). (torch.export specializes a size-1 dimension only when the
+    example has it: examples use batch >= 2.)"""
     factor = _down_factor(unet)
-    side = (factor, factor * MAX_SPATIAL_BLOCKS)
+    side = (MIN_SPATIAL_BLOCKS * factor, factor * MAX_SPATIAL_BLOCKS)
     return {"batch": (1, MAX_BATCH), "height": side, "width": side}
 
 
@@ -114,12 +117,20 @@ def _export_dims(unet, inputs, ranges):
 
 
 def usable_ranges(unet, ranges):
-    """`ranges` with latent sides rounded inwards to multiples of the UNet's down factor."""
+    """`ranges` with latent sides rounded inwards to multiples of the UNet's down factor, and at least
+    MIN_SPATIAL_BLOCKS of it. The engine self-check found a package (torch 2.13, CPU) wrong at batch 1
+    with 1x1 feature maps at the bottom (relative error 0.57 against its model; exact at batch 2,
+    and at 2x2): a range that needs those sides is an error that says so."""
     factor = _down_factor(unet)
     out = {"batch": tuple(ranges["batch"])}
     for name in ("height", "width"):
         lo, hi = ranges[name]
-        out[name] = (-(-lo // factor) * factor, hi // factor * factor)
+        out[name] = (max(-(-lo // factor), MIN_SPATIAL_BLOCKS) * factor, hi // factor * factor)
+        if out[name][0] > out[name][1]:
+            raise ConfigError(f"engine {name} range {lo}..{hi} latents: the engine takes latent sides of at least "
+                              f"{MIN_SPATIAL_BLOCKS * factor} ({MIN_SPATIAL_BLOCKS}x its down factor {factor}: smaller, "
+                              f"the deepest feature maps are 1x1, which a package computed wrongly); widen "
+                              f"engine.resolution")
     return out
 
 
@@ -334,8 +345,8 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
                        inductor=None, int8_gemm="auto", conv_patches="auto", fp8_attention="auto", geglu="auto",
                        self_check=True):
     """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is), package, and
-    (`self_check`) run the package on the example inputs against the converted model (engines.check),
-    which deletes an engine whose output is wrong and raises.
+    (`self_check`) run the package on the example inputs, and on the smallest it takes, against the
+    converted model (engines.check), which deletes an engine whose output is wrong and raises.
 
     `int8_gemm`, `conv_patches`, `fp8_attention`, `geglu`: the settings of the 8-bit modules' GPU kernels, resolved for the
     model's device (gemm8.resolve_kernels). Returns package_engine's info dict plus precision,
@@ -359,9 +370,12 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges,
                           inductor=inductor)
     if self_check:
-        from quantdiff.engines.check import check_engine
+        from quantdiff.engines.check import check_engine, smallest_inputs
 
-        info["self_check"] = check_engine(out_path, export_module(unet).eval(), engine_inputs(unet, example_inputs), log)
+        inputs = engine_inputs(unet, example_inputs)
+        smallest = smallest_inputs(inputs, info["shape_ranges"])
+        input_sets = [inputs] + ([smallest] if smallest[0].shape != inputs[0].shape else [])
+        info["self_check"] = check_engine(out_path, export_module(unet).eval(), input_sets, log)
     info["precision"] = precision
     settings = {"int8_gemm": int8_gemm, "conv_patches": conv_patches, "fp8_attention": fp8_attention, "geglu": geglu}
     for name, kernel in kernels.items():
