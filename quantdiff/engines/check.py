@@ -81,7 +81,8 @@ def check_engine(engine_path, eager, input_sets, log=print, bound=CHECK_BOUND):
             why = f"{bad} non-finite values of {got.numel()}" if bad else f"relative error {err:.3g} (bound {bound})"
             raise EngineOutputError(f"{engine_path}: the packaged engine's output on sample {shape} differs from the "
                                     f"model it was built from: {why}. It was deleted; rebuild with the default "
-                                    f"engine.* kernel settings.")
+                                    f"engine.* kernel settings, or, if only a small sample fails, with a larger "
+                                    f"minimum engine.batch or engine.resolution.")
         log(f"engine: self-check on sample {shape}: relative error {err:.2e} against the eager model")
         by_shape.append({"shape": shape, "rel_err_vs_eager": err})
     return {"rel_err_vs_eager": max(c["rel_err_vs_eager"] for c in by_shape), "bound": bound, "by_shape": by_shape}
