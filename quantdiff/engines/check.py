@@ -41,8 +41,9 @@ def smallest_inputs(inputs, shape_ranges):
     return (sample[:batch, :, :height, :width].contiguous(), *(t[:batch].contiguous() for t in rest))
 
 
-def packaged_outputs(engine_path, input_sets):
-    """The package's output on each tuple of positional inputs, computed in a fresh Python process."""
+def packaged_outputs(engine_path, input_sets, name):
+    """The package's output on each tuple of positional inputs, computed in a fresh Python process
+    (`name`: the engine's path in messages)."""
     package_root = str(Path(__file__).resolve().parents[2])  # where `quantdiff` imports from
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory(prefix="quantdiff-engine-check-") as workdir:
@@ -52,22 +53,24 @@ def packaged_outputs(engine_path, input_sets):
                                str(output_path)], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise EngineOutputError(f"{engine_path}: the packaged engine did not run on the build's example inputs "
+            raise EngineOutputError(f"{name}: the packaged engine did not run on the build's example inputs "
                                     f"(exit status {proc.returncode}): {' / '.join(tail)}")
         return torch.load(output_path, map_location=input_sets[0][0].device)
 
 
 @torch.no_grad()
-def check_engine(engine_path, eager, input_sets, log=print, bound=CHECK_BOUND):
+def check_engine(engine_path, eager, input_sets, log=print, bound=CHECK_BOUND, name=None):
     """Compare the package at `engine_path` with `eager` (the module it was exported from) on each
     tuple of positional inputs in `input_sets`. Returns {"rel_err_vs_eager": the largest, "bound",
     "by_shape": [{"shape", "rel_err_vs_eager"}, ...]}; raises EngineOutputError, deleting the
-    package, when an output is not finite or past `bound`."""
+    package, when an output is not finite or past `bound`. `name`: the engine's path in messages
+    (package_engine checks it under its temporary name)."""
+    name = name or engine_path
     expected = [eager(*inputs) for inputs in input_sets]
     if expected[0].is_cuda:
         torch.cuda.empty_cache()  # the package loads in another process, on the same GPU
     try:
-        outputs = packaged_outputs(engine_path, input_sets)
+        outputs = packaged_outputs(engine_path, input_sets, name)
     except EngineOutputError:
         Path(engine_path).unlink(missing_ok=True)  # it must not look like a finished engine
         raise
@@ -79,7 +82,7 @@ def check_engine(engine_path, eager, input_sets, log=print, bound=CHECK_BOUND):
         if bad or err > bound:
             Path(engine_path).unlink(missing_ok=True)  # it must not look like a finished engine
             why = f"{bad} non-finite values of {got.numel()}" if bad else f"relative error {err:.3g} (bound {bound})"
-            raise EngineOutputError(f"{engine_path}: the packaged engine's output on sample {shape} differs from the "
+            raise EngineOutputError(f"{name}: the packaged engine's output on sample {shape} differs from the "
                                     f"model it was built from: {why}. It was deleted; rebuild with the default "
                                     f"engine.* kernel settings, or, if only a small sample fails, with a larger "
                                     f"minimum engine.batch or engine.resolution.")

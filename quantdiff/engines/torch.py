@@ -191,7 +191,7 @@ def check_inductor_settings(settings, where="engine.inductor"):
 
 
 def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, counts=None, ranges=None,
-                   inductor=None):
+                   inductor=None, self_check=False):
     """torch.export + AOTInductor-package `unet` to `out_path` (engine.pt2), written atomically.
 
     `example_inputs` is a dict as for the UNet's forward; Inductor tunes for its shape. With
@@ -199,8 +199,10 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
     engine profile's; `default_ranges` when None), static where min == max. If the model does not
     export with dynamic height/width, it falls back to the example's and says so. Without
     `dynamic` every shape is the example's. `inductor`: torch._inductor.config settings for the
-    build (checked by check_inductor_settings). Returns an info dict: export/compile seconds,
-    package bytes, dynamic dims, shape ranges, counts, the Inductor settings.
+    build (checked by check_inductor_settings). `self_check`: before the package takes its final
+    name, run it on the example inputs, and on the smallest its ranges take, against `unet`
+    (engines.check; a wrong package is never renamed). Returns an info dict: export/compile seconds,
+    package bytes, dynamic dims, shape ranges, counts, the Inductor settings (and the self-check's).
     """
     unet = unet.eval()
     wrapper = export_module(unet)
@@ -236,7 +238,13 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
                 program, package_path=str(tmp),
                 inductor_configs={**inductor,
                                   "aot_inductor.metadata": {_METADATA_KEY: json.dumps(meta, default=str)}})
-        info["compile_s"] = round(time.perf_counter() - t0, 2)
+            info["compile_s"] = round(time.perf_counter() - t0, 2)
+            if self_check:
+                from quantdiff.engines.check import check_engine, smallest_inputs
+
+                smallest = smallest_inputs(inputs, info["shape_ranges"])
+                input_sets = [inputs] + ([smallest] if smallest[0].shape != inputs[0].shape else [])
+                info["self_check"] = check_engine(tmp, wrapper, input_sets, log, name=out_path)
     info["package_bytes"] = Path(out_path).stat().st_size
     log(f"engine: compiled in {info['compile_s']} s, {info['package_bytes'] / 1e6:.1f} MB -> {out_path}")
     return info
@@ -344,9 +352,8 @@ def device_layout(unet, device):
 def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None,
                        inductor=None, int8_gemm="auto", conv_patches="auto", fp8_attention="auto", geglu="auto",
                        self_check=True):
-    """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is), package, and
-    (`self_check`) run the package on the example inputs, and on the smallest it takes, against the
-    converted model (engines.check), which deletes an engine whose output is wrong and raises.
+    """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package, with
+    package_engine's self-check against the converted model unless `self_check` is False.
 
     `int8_gemm`, `conv_patches`, `fp8_attention`, `geglu`: the settings of the 8-bit modules' GPU kernels, resolved for the
     model's device (gemm8.resolve_kernels). Returns package_engine's info dict plus precision,
@@ -368,14 +375,7 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
         apply_kernels(unet, kernels)
     unet = device_layout(unet, next(unet.parameters()).device)  # after conversion, which makes new modules
     info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges,
-                          inductor=inductor)
-    if self_check:
-        from quantdiff.engines.check import check_engine, smallest_inputs
-
-        inputs = engine_inputs(unet, example_inputs)
-        smallest = smallest_inputs(inputs, info["shape_ranges"])
-        input_sets = [inputs] + ([smallest] if smallest[0].shape != inputs[0].shape else [])
-        info["self_check"] = check_engine(out_path, export_module(unet).eval(), input_sets, log)
+                          inductor=inductor, self_check=self_check)
     info["precision"] = precision
     settings = {"int8_gemm": int8_gemm, "conv_patches": conv_patches, "fp8_attention": fp8_attention, "geglu": geglu}
     for name, kernel in kernels.items():
