@@ -36,6 +36,12 @@ except ImportError:  # CPU installs: the engine then keeps its plain-PyTorch GEM
 OUT_FLOAT, OUT_INT8, OUT_FP8 = 0, 1, 2
 
 
+def new_output(a, n, out_fmt, out_dtype):
+    """The GEMM's (m, n) output tensor beside `a`: `out_dtype` for a float output, else the 8-bit type."""
+    dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
+    return torch.empty((a.shape[0], n), device=a.device, dtype=dtype)
+
+
 def interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -321,8 +327,7 @@ if triton is not None:
     def gemm8_op(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                  out_grid: Optional[torch.Tensor], n: int, gate_offset: int, out_fmt: int, int8_min: float,
                  out_dtype: torch.dtype, tma: bool = False) -> torch.Tensor:
-        dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
-        out = torch.empty((a.shape[0], n), device=a.device, dtype=dtype)
+        out = new_output(a, n, out_fmt, out_dtype)
         return launch_kernel(a, w, scale, bias, out_grid, out, gate_offset, out_fmt, int8_min, tma=tma)
 
 
@@ -366,6 +371,5 @@ def gemm8(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0, out_fmt=
                                          float(int8_min), out_dtype, tma)
     if not interpreting():
         raise RuntimeError("gemm8 runs on the GPU, or on the CPU under TRITON_INTERPRET=1 (for tests)")
-    dtype = {OUT_FLOAT: out_dtype, OUT_INT8: torch.int8, OUT_FP8: torch.float8_e4m3fn}[out_fmt]
-    out = torch.empty((a.shape[0], n), dtype=dtype)
+    out = new_output(a, n, out_fmt, out_dtype)
     return launch_kernel(a.contiguous(), w, scale, bias, out_grid, out, gate_offset, out_fmt, int8_min, tma=tma)
