@@ -155,3 +155,50 @@ def test_bad_conv_mode_stops_before_anything(tmp_path, capsys):
         bench_unet.main(["--conv", "auto,winograd", "--out", str(tmp_path / "bench")])
     assert "--conv 'auto,winograd': each mode is one of auto, gemm, float" in capsys.readouterr().err
     assert not (tmp_path / "bench").exists()
+
+
+def test_bad_projection_mode_stops_before_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_unet.main(["--projections", "fused,merged", "--out", str(tmp_path / "bench")])
+    assert "--projections 'fused,merged': each mode is one of fused, separate" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()
+
+
+@torch.no_grad()
+def test_each_projection_mode_is_a_conversion_of_its_own(tmp_path, monkeypatch):
+    """The variant loop on a CPU stand-in (the tiny UNet, each variant run eagerly instead of
+    compiled and timed): fused and separate projections are two conversions of one fake-quant
+    model, with their own counts, and the same output."""
+    pytest.importorskip("modelopt.torch.quantization")
+    import quantdiff.device
+    import quantdiff.engines.gemm8 as gemm8
+    import quantdiff.engines.torch as engine_torch
+    import quantdiff.models
+    from tiny_unets import tiny_sdxl_unet, unet_inputs
+
+    outputs = {}
+
+    def measure(name, module, inputs, flops, args, log, backend="compile", inductor=None):
+        outputs[name] = module(**inputs).sample
+        row = {"variant": name, "ms": 2.0 if "fp16" in name else 1.0, "cuda_graph_ms": None, "launched_ms": 1.0,
+               "tflops": 1.0, "footprint_mb": 10, "device_ms_by_kind": dict.fromkeys(("gemm", "conv", "attention",
+                                                                                        "triton"), 0.0)}
+        return row, outputs[name], None
+
+    resolve = gemm8.resolve_kernels
+    monkeypatch.setattr(quantdiff.device, "require_cuda", lambda what: None)
+    monkeypatch.setattr(quantdiff.device, "require_fp8", lambda device: None)
+    monkeypatch.setattr(quantdiff.device, "describe_device", lambda device: {"name": "CPU stand-in"})
+    monkeypatch.setattr(quantdiff.models, "arch_unet", lambda arch, device, dtype: tiny_sdxl_unet())
+    monkeypatch.setattr(quantdiff.models, "unet_example_inputs", lambda unet, batch, res, dtype, device: unet_inputs(2, 0))
+    monkeypatch.setattr(engine_torch, "device_layout", lambda unet, device: unet)
+    monkeypatch.setattr(gemm8, "resolve_kernels", lambda precision, device, *a: resolve(precision, "cpu", *a))
+    monkeypatch.setattr(bench_unet, "measure", measure)
+    result = bench_unet.main(["--precisions", "fp8", "--projections", "fused,separate", "--out", str(tmp_path)])
+    fused, separate = result["rows"][1:]
+    assert fused["variant"] == "torch engine fp8 L3 (fused projections)" and fused["projections"] == "fused"
+    assert separate["variant"] == "torch engine fp8 L3 (separate projections)"
+    assert fused["counts"]["attention_to_qkv"] == fused["counts"]["attention_to_kv"] == 4
+    assert "attention_to_qkv" not in separate["counts"] and separate["counts"]["attention_shared_input_quantizers"] == 8
+    assert torch.equal(outputs[fused["variant"]], outputs[separate["variant"]])
+    assert fused["speedup"] == 2.0 and fused["rel_err_vs_fakequant"] == separate["rel_err_vs_fakequant"] < 1e-3

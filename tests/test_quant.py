@@ -131,7 +131,9 @@ def calibrated(tiny_xl_dir, tmp_path_factory):
 
 def test_calibration_record(calibrated):
     out, record = calibrated
-    assert record["counts"] == {"conv": 26, "ff": 24, "qkv": 72, "linear": 36, "fp8_attention": 0}
+    assert record["counts"] == {"conv": 26, "ff": 24, "qkv": 72, "linear": 36, "fp8_attention": 0,
+                                "fused_scale_groups": 0}  # int8: its scales stay per layer
+    assert record["fused_scales"] == {}
     assert len(record["layers"]) == 158 and (out / "calib.json").is_file()
     conv = record["layers"]["down_blocks.0.resnets.0.conv1"]
     assert conv["kind"] == "conv" and len(conv["input_amax_by_step"]) == 4
@@ -141,6 +143,47 @@ def test_calibration_record(calibrated):
     q = record["layers"]["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
     assert q["kind"] == "qkv" and q["smoothquant"] is True and q["weight_amax_channels"] == 64
     assert record["settings"]["alpha"] == 0.8
+
+
+@pytest.fixture(scope="module")
+def fp8_level4_unets(tiny_xl_dir):
+    """tiny-xl calibrated for fp8 level 4 twice: with fused_scales (the default) and without."""
+    from quantdiff.models import load_pipeline
+    from quantdiff.quant.calibrate import quantize_unet
+
+    out = {}
+    for fused_scales in (True, False):
+        torch.manual_seed(0)
+        pipe = load_pipeline(tiny_xl_dir, dtype=torch.float32, device="cpu")
+        pipe.set_progress_bar_config(disable=True)
+        result = quantize_unet(pipe, quick_settings("fp8", 4, fused_scales=fused_scales), log=lambda *a: None)
+        out[fused_scales] = pipe.unet, result[3]
+    return out
+
+
+def test_fp8_projections_of_one_input_share_one_scale(fp8_level4_unets):
+    """fused_scales: each self-attention's q/k/v (cross-attention's k/v) get the largest of their
+    weight amaxes, and at level 4 the largest of their attention (bmm) amaxes; the input amaxes
+    were equal already (one input); everything else is as calibrated without it."""
+    (shared_unet, groups), (own_unet, none) = fp8_level4_unets[True], fp8_level4_unets[False]
+    assert none == {}
+    assert len(groups) == 24 and {tuple(v) for v in groups.values()} == {("to_q", "to_k", "to_v"), ("to_k", "to_v")}
+    shared, own = dict(shared_unet.named_modules()), dict(own_unet.named_modules())
+    for name, members in groups.items():
+        assert members == (["to_k", "to_v"] if name.endswith("attn2") else ["to_q", "to_k", "to_v"])
+        for role in ("weight_quantizer", "input_quantizer"):
+            before = [getattr(own[f"{name}.{m}"], role).amax for m in members]
+            after = [getattr(shared[f"{name}.{m}"], role).amax for m in members]
+            assert all(torch.equal(a, torch.stack(before).amax()) for a in after), (name, role)
+        before = [getattr(own[name], f"{m[-1]}_bmm_quantizer").amax for m in members]
+        after = {float(getattr(shared[name], f"{m[-1]}_bmm_quantizer").amax) for m in members}
+        assert after == {float(max(before))}, name
+        if len(members) == 2:  # a cross-attention's query reads the image: its own scales
+            assert torch.equal(shared[f"{name}.to_q"].weight_quantizer.amax, own[f"{name}.to_q"].weight_quantizer.amax)
+    # the weight amaxes really differed: sharing changed something
+    assert any(len({float(own[f"{n}.{m}"].weight_quantizer.amax) for m in ms}) > 1 for n, ms in groups.items())
+    ff = "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
+    assert torch.equal(shared[ff].weight_quantizer.amax, own[ff].weight_quantizer.amax)
 
 
 def test_restore_is_bit_identical(calibrated, tiny_xl_dir):

@@ -35,8 +35,11 @@ def quant_config(num_bits, weight_axis, attention):
     return cfg
 
 
-def quantized_pair(precision):
-    """(ModelOpt fake-quant UNet, its real-quant conversion, counts)."""
+def quantized_pair(precision, fuse_projections=True):
+    """(ModelOpt fake-quant UNet, its real-quant conversion, counts); fp8's projections of one
+    input share their scales, as calibration's fused_scales has them."""
+    from quantdiff.quant.fusion import share_fused_scales
+
     unet = tiny_sdxl_unet()
     if precision == "int8":
         config = {"quant_cfg": quant_config(8, 0, False), "algorithm": "smoothquant"}
@@ -44,7 +47,8 @@ def quantized_pair(precision):
         config = {"quant_cfg": quant_config((4, 3), None, True), "algorithm": "max"}
     with torch.no_grad():
         mtq.quantize(unet, config, lambda m: [m(**unet_inputs(2, seed)) for seed in range(3)])
-    real, counts = qm.convert_to_real_quant(copy.deepcopy(unet))
+    assert len(share_fused_scales(unet)) == (0 if precision == "int8" else 8)
+    real, counts = qm.convert_to_real_quant(copy.deepcopy(unet), fuse_projections)
     return unet, real, counts
 
 
@@ -56,6 +60,12 @@ def int8_pair():
 @pytest.fixture(scope="module")
 def fp8_pair():
     return quantized_pair("fp8")
+
+
+@pytest.fixture(scope="module")
+def unfused_pairs():
+    """Both precisions converted without fused projections: each q/k/v a linear of its own."""
+    return {precision: quantized_pair(precision, fuse_projections=False) for precision in ("int8", "fp8")}
 
 
 def rel_max(out, ref):
@@ -77,6 +87,16 @@ def random_input(module, seed):
     return 2 * torch.randn(2, 5, module.in_features, generator=g)
 
 
+def fake_output(fake_modules, name, x):
+    """The fake-quant module `name`'s output, or for a fused projection (to_qkv, to_kv) its members'
+    outputs side by side."""
+    parent, _, leaf = name.rpartition(".")
+    members = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}.get(leaf)
+    if members is None:
+        return fake_modules[name](x)
+    return torch.cat([fake_modules[f"{parent}.{m}"](x) for m in members], dim=-1)
+
+
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 @torch.no_grad()
 def test_each_real_module_matches_modelopt(precision, int8_pair, fp8_pair):
@@ -85,7 +105,7 @@ def test_each_real_module_matches_modelopt(precision, int8_pair, fp8_pair):
     checked = {}
     for i, (name, module) in enumerate(real_modules(real)):
         x = random_input(module, i)
-        expected = fake_modules[name](x)
+        expected = fake_output(fake_modules, name, x)
         # reference_forward is ModelOpt's formula: bit-identical
         assert torch.equal(module.reference_forward(x), expected), name
         if isinstance(module, qm.QuantConv2d):
@@ -207,6 +227,9 @@ def test_fp8_attention_through_the_triton_kernel(fp8_pair, monkeypatch, kernel, 
     finally:
         qm.set_fp8_attention(real, "sdpa")
     assert len(calls) == 8 and all(t.dtype == torch.float8_e4m3fn for a, _ in calls for t in a[:3])
+    # a self-attention's fused q/k/v output on one grid (fused_scales) is quantized once: three views
+    one_tensor = [len({t.untyped_storage().data_ptr() for t in a[:3]}) == 1 for a, _ in calls]
+    assert one_tensor == [name.endswith("attn1") for name, _ in attentions]
     assert all(kw["quantize_probs"] == (kernel == "triton-fp8-probs") for _, kw in calls)
     # every output projection is an fp8 linear: each takes the kernel's output on its own grid
     projections = [attn.to_out[0] for _, attn in attentions]
@@ -216,11 +239,70 @@ def test_fp8_attention_through_the_triton_kernel(fp8_pair, monkeypatch, kernel, 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 @torch.no_grad()
-def test_projections_of_one_input_quantize_it_once(precision, int8_pair, fp8_pair, monkeypatch):
+def test_fused_projections_are_one_gemm(precision, int8_pair, fp8_pair, unfused_pairs, monkeypatch):
+    """The projections reading one input (q/k/v of a self-attention, k/v of a cross-attention: one
+    input grid here, int8's SmoothQuant included, and for fp8 one weight scale from fused_scales)
+    become one linear, to_qkv / to_kv, and their members go: one GEMM per group, the whole UNet's
+    output the same to the bit as with a linear each, no byte more of weights."""
+    fake, real, counts = int8_pair if precision == "int8" else fp8_pair
+    _, unfused, unfused_counts = unfused_pairs[precision]
+    linear = qm.Int8Linear if precision == "int8" else qm.FP8Linear
+    attentions = {n: m for n, m in real.named_modules() if n.endswith(("attn1", "attn2"))}
+    assert counts["attention_to_qkv"] == counts["attention_to_kv"] == 4 and len(attentions) == 8
+    assert "attention_to_qkv" not in unfused_counts and unfused_counts["attention_shared_input_quantizers"] == 8
+    for name, attn in attentions.items():
+        left = {p for p in ("to_q", "to_k", "to_v", "to_qkv", "to_kv") if hasattr(attn, p)}
+        assert left == ({"to_qkv"} if name.endswith("attn1") else {"to_q", "to_kv"}), name
+        fused = attn.to_qkv if name.endswith("attn1") else attn.to_kv
+        assert type(fused) is linear and fused.split_sizes == [64] * (3 if name.endswith("attn1") else 2)
+        assert attn.processor.shared_inputs == ()  # nothing left to share
+    gemms = []
+    run = qm.FP8Linear.from_quantized if precision == "fp8" else qm.Int8Linear.from_quantized
+    monkeypatch.setattr(linear, "from_quantized", lambda self, xq, dtype: gemms.append(self) or run(self, xq, dtype))
+    x = unet_inputs(2, 11)
+    out = real(**x).sample
+    fused_calls = [m for m in gemms if hasattr(m, "split_sizes")]
+    assert len(fused_calls) == 8 and len(gemms) == counts[f"linear_{precision}"] - 4 * 3 - 4 * 2 + 8
+    assert torch.equal(out, unfused(**x).sample)
+    assert rel_rms(out, fake(**x).sample) < (0.05 if precision == "int8" else 1e-3)
+
+    def stored_bytes(model):
+        return sum(t.numel() * t.element_size() for t in [*model.buffers(), *model.parameters()])
+
+    assert stored_bytes(real) <= stored_bytes(unfused)
+    with pytest.raises(ValueError, match="fused into one GEMM for self-attention"):
+        attentions["mid_block.attentions.0.transformer_blocks.0.attn1"](
+            torch.randn(2, 16, 64), encoder_hidden_states=torch.randn(2, 7, 64))
+
+
+def test_projections_fuse_only_on_one_scale(unfused_pairs):
+    """fp8 linears whose weight scales differ (calibrated without fused_scales) do not concatenate;
+    nor do linears on different input grids or of different classes."""
+    from quantdiff.engines.qlinear import _Linear8
+
+    fake, _, _ = quantized_pair("fp8", fuse_projections=False)
+    fp8_fake = copy.deepcopy(fake)
+    attn = dict(fp8_fake.named_modules())["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    attn.to_k.weight_quantizer.amax = attn.to_k.weight_quantizer.amax * 1.5
+    real, counts = qm.convert_to_real_quant(fp8_fake)
+    assert counts["attention_to_qkv"] == 3 and counts["attention_shared_input_quantizers"] == 1
+    kept = dict(real.named_modules())["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    assert all(hasattr(kept, p) for p in ("to_q", "to_k", "to_v")) and not hasattr(kept, "to_qkv")
+    int8 = unfused_pairs["int8"][1].get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1")
+    fp8 = unfused_pairs["fp8"][1].get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1")
+    assert qm.Int8Linear.concatenated([int8.to_q, int8.to_k]) is not None
+    assert qm.Int8Linear.concatenated([int8.to_q, fp8.to_k]) is None  # another class
+    assert qm.Int8Linear.concatenated([int8.to_q, int8.to_out[0]]) is None  # another input grid
+    assert _Linear8 in type(int8.to_q).__mro__
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@torch.no_grad()
+def test_projections_of_one_input_quantize_it_once(precision, unfused_pairs, monkeypatch):
     """q, k and v of a self-attention (k and v of a cross-attention) calibrated on one input have
-    the same input quantizer (SmoothQuant's scale included); the processor quantizes that input
-    once for all of them: the same output to the bit, two (one) fewer 8-bit copies written."""
-    _, real, counts = int8_pair if precision == "int8" else fp8_pair
+    the same input quantizer (SmoothQuant's scale included); not fused, the processor quantizes that
+    input once for all of them: the same output to the bit, two (one) fewer 8-bit copies written."""
+    _, real, counts = unfused_pairs[precision]
     attentions = [(n, m) for n, m in real.named_modules() if isinstance(m.__dict__.get("processor"), qm.QuantAttnProcessor)]
     assert counts["attention_shared_input_quantizers"] == len(attentions) == 8
     assert {n.rsplit(".", 1)[1]: m.processor.shared_inputs for n, m in attentions} == {

@@ -30,6 +30,8 @@ OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "ate
             "aten::_int_mm": "gemm", "aten::convolution": "conv"}
 # --conv: QuantConv2d.use_gemm (None: where it pays, QuantConv2d.runs_as_gemm)
 CONV_MODES = {"auto": None, "gemm": True, "float": False}
+# --projections: convert_to_real_quant's fuse_projections (q/k/v, k/v as one GEMM where they can)
+PROJECTION_MODES = {"fused": True, "separate": False}
 # GPU kernels by name: the engine's Triton GEMMs (engines/triton_gemm.py, cp.async and TMA loads;
 # Inductor may suffix them), conv (engines/triton_conv.py, counted with the convolutions) and fp8
 # attention (engines/triton_attention.py), the patch-matrix copy (engines/triton_patches.py, counted
@@ -165,9 +167,11 @@ def measure(name, module, inputs, flops, args, log, backend="compile", inductor=
 
 
 def quantized_copy(unet, precision, level, inputs):
-    """ModelOpt fake-quant copy calibrated on the benchmark input (speed does not need more)."""
+    """ModelOpt fake-quant copy calibrated on the benchmark input (speed does not need more), its
+    fp8 projections of one input sharing one scale (calibration.fused_scales, the default)."""
     import modelopt.torch.quantization as mtq
 
+    from ..quant.fusion import share_fused_scales
     from ..quant.levels import EXCLUDE_DEFAULT, fp8_attention_layers, quantized_layers
     from ..quant.recipe import quant_config
 
@@ -181,6 +185,7 @@ def quantized_copy(unet, precision, level, inputs):
             m(**inputs)
 
     mtq.quantize(model, quant_config(precision, layers, attention, settings), forward_loop=loop)
+    share_fused_scales(model)
     return model
 
 
@@ -254,12 +259,19 @@ def main(argv=None):
     parser.add_argument("--geglu", default="auto", metavar="KERNEL[,KERNEL]",
                         help="who runs the 8-bit GEGLU feed-forwards' middle, each as its own 8-bit variant: auto, "
                              "inductor, triton, as engine.geglu")
+    parser.add_argument("--projections", default="fused", metavar="MODE[,MODE]",
+                        help="the projections of an attention that read one input as one GEMM (fused: q/k/v of a "
+                             "self-attention, k/v of a cross-attention, where their scales allow, as the engine "
+                             "stage builds them) or one each (separate); several: each its own 8-bit variant")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
     int8_gemms, conv_patches, conv_modes = args.int8_gemm.split(","), args.conv_patches.split(","), args.conv.split(",")
     attentions, geglus = args.fp8_attention.split(","), args.geglu.split(",")
     if not set(conv_modes) <= set(CONV_MODES):
         parser.error(f"--conv {args.conv!r}: each mode is one of {', '.join(CONV_MODES)}")
+    projection_modes = args.projections.split(",")
+    if not set(projection_modes) <= set(PROJECTION_MODES):
+        parser.error(f"--projections {args.projections!r}: each mode is one of {', '.join(PROJECTION_MODES)}")
     for kernel in int8_gemms:  # a bad name stops here, before any GPU work
         resolve_int8_gemm(kernel, "cpu")
     for kernel in conv_patches:
@@ -306,35 +318,41 @@ def main(argv=None):
         fake = quantized_copy(unet, precision, level, inputs)
         with torch.no_grad():
             fake_out = fake(**inputs).sample
-        real, counts = convert_to_real_quant(fake)
-        convs = [m for m in real.modules() if isinstance(m, QuantConv2d)]
-        log(f"{precision}: converted {counts}")
         packaged = " (AOTInductor package)" if args.backend == "aoti" else ""
-        variants = itertools.product(conv_modes, int8_gemms if precision == "int8" else [None], conv_patches,
-                                     attentions if precision == "fp8" else [None], geglus)
+        variants = itertools.product(projection_modes, conv_modes, int8_gemms if precision == "int8" else [None],
+                                     conv_patches, attentions if precision == "fp8" else [None], geglus)
         several = len(int8_gemms) > 1 or len(conv_patches) > 1 or len(attentions) > 1 or len(geglus) > 1
-        for mode, kernel, patches, attention, geglu in variants:
+        real = projections = None
+        for projection_mode, mode, kernel, patches, attention, geglu in variants:
+            if projection_mode != projections:  # each projection mode is a conversion of its own
+                del real
+                real, converted = convert_to_real_quant(copy.deepcopy(fake) if len(projection_modes) > 1 else fake,
+                                                        PROJECTION_MODES[projection_mode])
+                convs, projections = [m for m in real.modules() if isinstance(m, QuantConv2d)], projection_mode
+                log(f"{precision}: converted ({projection_mode} projections) {converted}")
             for conv in convs:
                 conv.use_gemm = CONV_MODES[mode]
-            counts = counts | {"conv_as_gemm": sum(c.runs_as_gemm(on_gpu=True) for c in convs)}
+            counts = converted | {"conv_as_gemm": sum(c.runs_as_gemm(on_gpu=True) for c in convs)}
             name = f"torch engine {precision} L{level}{packaged}"
             kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches, attention or "auto", geglu)
             apply_kernels(real, kernels)
-            labels = ([f"conv {mode}"] if len(conv_modes) > 1 else []) + [f"{k} {v}" for k, v in kernels.items()
-                                                                          if several]
+            labels = ([f"{projection_mode} projections"] if len(projection_modes) > 1 else []) + \
+                ([f"conv {mode}"] if len(conv_modes) > 1 else []) + [f"{k} {v}" for k, v in kernels.items() if several]
             if labels:
                 name += " (" + ", ".join(labels) + ")"
             try:
                 row, out, _ = measure(name, real, inputs, flops, args, log, args.backend, inductor)
             except Exception as e:  # a variant that fails is a result too; the others still run
                 log(f"{name}: failed: {type(e).__name__}: {e}")
-                rows.append({"variant": name, "conv": mode, "error": f"{type(e).__name__}: {str(e)[:500]}"} | kernels)
+                rows.append({"variant": name, "conv": mode, "projections": projection_mode,
+                             "error": f"{type(e).__name__}: {str(e)[:500]}"} | kernels)
                 write_json(Path(args.out) / "unet_bench.json", result)
                 torch._dynamo.reset()
                 continue
             bound = error_bound(args.arch, precision, args.batch, args.resolution)
             err = round(relative_error(fake_out, out), 4)
-            rows.append(row | {"conv": mode, "counts": counts, "speedup": round(base["ms"] / row["ms"], 3),
+            rows.append(row | {"conv": mode, "projections": projection_mode, "counts": counts,
+                               "speedup": round(base["ms"] / row["ms"], 3),
                                "memory_vs_fp16": round(row["footprint_mb"] / base["footprint_mb"], 3),
                                "rel_err_vs_fakequant": err, "error_bound": bound,
                                "within_error_bound": None if bound is None else err <= bound,

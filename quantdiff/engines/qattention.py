@@ -1,6 +1,7 @@
 """The attention processor of a real 8-bit UNet: diffusers' attention with ModelOpt's static q/k/v
-(and softmax) quantizers frozen, the FP8 Triton attention kernel where it runs, and one quantized
-input for the q/k/v projections that share an input quantizer."""
+(and softmax) quantizers frozen, the FP8 Triton attention kernel where it runs, one GEMM for the
+projections that the conversion fused (to_qkv, to_kv), and one quantized input for the q/k/v
+projections that share an input quantizer but were not fused."""
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +23,10 @@ class QuantAttnProcessor:
     (StaticQuant.same_grid); those reading one tensor in a call (k and v always, q too in
     self-attention) quantize it once and each reads that 8-bit tensor: with fp8 every projection of
     a self-attention is calibrated on the same normalized input, and the kernel before them would
-    otherwise write the same 8-bit tensor three times.
+    otherwise write the same 8-bit tensor three times. Where the conversion fused those projections
+    into one linear (attn.to_qkv of a self-attention, attn.to_kv: qmodules._fuse_projections), one
+    GEMM computes them side by side and q, k and v are views of its output; at level 4 with one
+    q/k/v grid that output is quantized in one go.
     """
 
     def __init__(self, quantize_softmax=False, fp8_attention="sdpa", quantize_qkv=True, shared_inputs=()):
@@ -67,7 +71,7 @@ class QuantAttnProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query, key, value = self._projections(attn, hidden_states, encoder_hidden_states, self_attention)
+        query, key, value, qkv = self._projections(attn, hidden_states, encoder_hidden_states, self_attention)
 
         head_dim = key.shape[-1] // attn.heads
 
@@ -89,8 +93,13 @@ class QuantAttnProcessor:
             # no fp16 write, and no separate quantize kernel between them
             projection = attn.to_out[0]
             fused = isinstance(projection, FP8Linear) and projection.act.pre_quant_scale is None
-            hidden_states = fp8_attention(*(q.quantize(t) for q, t in zip(quants, (query, key, value))),
-                                          *(q.back for q in quants),  # SDPA's default scale, as below
+            if qkv is not None and attn.norm_q is None and attn.norm_k is None \
+                    and all(quants[0].same_grid(q) for q in quants[1:]):
+                # one grid for q, k and v (calibration's fused_scales): one quantize of the fused output
+                quantized = [split_heads(t) for t in quants[0].quantize(qkv).split(attn.to_qkv.split_sizes, -1)]
+            else:
+                quantized = [q.quantize(t) for q, t in zip(quants, (query, key, value))]
+            hidden_states = fp8_attention(*quantized, *(q.back for q in quants),  # SDPA's default scale, as below
                                           quantize_probs=self.fp8_attention == "triton-fp8-probs",
                                           out_grid=projection.act.to_grid if fused else None)
             if fused:
@@ -112,8 +121,19 @@ class QuantAttnProcessor:
         return self._finish(attn, attn.to_out[0](hidden_states.to(query.dtype)), image_layout, residual, image_shape)
 
     def _projections(self, attn, hidden_states, context, self_attention):
-        """to_q(hidden_states), to_k(context), to_v(context), with each group of shared_inputs that
-        reads one tensor in this call quantizing it once."""
+        """to_q(hidden_states), to_k(context), to_v(context), and the fused output they are views of
+        where one GEMM made all three (attn.to_qkv, else None). Fused at conversion (qmodules:
+        to_qkv in a self-attention, to_kv), they are one GEMM's output split; otherwise each group
+        of shared_inputs that reads one tensor in this call quantizes it once."""
+        if hasattr(attn, "to_qkv"):
+            if not self_attention:
+                raise ValueError("this attention's q/k/v projections were fused into one GEMM for self-attention; "
+                                 "it cannot take encoder_hidden_states")
+            qkv = attn.to_qkv(hidden_states)
+            return (*qkv.split(attn.to_qkv.split_sizes, -1), qkv)
+        if hasattr(attn, "to_kv"):
+            key, value = attn.to_kv(context).split(attn.to_kv.split_sizes, -1)
+            return attn.to_q(hidden_states), key, value, None
         names, inputs = ("to_q", "to_k", "to_v"), (hidden_states, context, context)
         outputs = [None] * 3
         for group in self.shared_inputs:
@@ -125,7 +145,7 @@ class QuantAttnProcessor:
             for i in members:
                 projection = getattr(attn, names[i])
                 outputs[i] = projection.from_quantized(xq, x.dtype).reshape(*x.shape[:-1], projection.out_features)
-        return [out if out is not None else getattr(attn, name)(x) for out, name, x in zip(outputs, names, inputs)]
+        return [out if out is not None else getattr(attn, name)(x) for out, name, x in zip(outputs, names, inputs)] + [None]
 
     @staticmethod
     def _finish(attn, projected, image_layout, residual, image_shape):

@@ -136,10 +136,36 @@ class _Linear8(nn.Module):
         return wq, factor
 
 
+    @classmethod
+    def concatenated(cls, linears):
+        """One linear of this class computing `linears` side by side (their outputs concatenated), for
+        linears of it reading one input on one 8-bit grid (StaticQuant.same_grid), each with a bias or
+        none: one GEMM instead of several, the same sums column by column. None where they cannot be
+        (fp8: weight scales that differ, which quant/fusion.py makes equal at calibration)."""
+        first = linears[0]
+        if (len(linears) < 2 or any(type(m) is not cls or m.in_features != first.in_features
+                                    or not first.act.same_grid(m.act) or (m.bias is None) != (first.bias is None)
+                                    for m in linears)
+                or not cls._scales_concatenate(linears)):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = first.in_features, sum(m.out_features for m in linears)
+        fused.act = first.act
+        weight = torch.cat([m.weight[: m.out_features] for m in linears])
+        n_pad = _round_up(fused.out_features, cls.N_MULTIPLE) - fused.out_features
+        fused.register_buffer("weight", F.pad(weight.view(torch.int8), (0, 0, 0, n_pad)).view(weight.dtype))
+        bias = None if first.bias is None else torch.cat([m.bias for m in linears])
+        fused.register_buffer("bias", bias)
+        fused._concatenate_scales(linears)
+        return fused
+
+
 class Int8Linear(_Linear8):
     """INT8 weight (per-channel) x INT8 activation (per-tensor static) linear, int32 accumulate."""
 
     int8_gemm = "auto"  # the GPU kernel (gemm8.resolve_int8_gemm); set_int8_gemm sets a whole model
+    N_MULTIPLE = 8  # cuBLASLt int8 wants k and n multiples of 8
 
     def __init__(self, qlinear, where="linear"):
         super().__init__()
@@ -151,6 +177,14 @@ class Int8Linear(_Linear8):
         self.register_buffer("weight_divisor", w_div.clone())  # weight_int8 / divisor = fake-quant weight
         self.register_buffer("out_scale", int8_out_scale(self.act.to_grid, w_div, self.out_features))
         self.register_buffer("bias", _copy_or_none(qlinear.bias))
+
+    @staticmethod
+    def _scales_concatenate(linears):
+        return True  # per output channel: each column keeps its own
+
+    def _concatenate_scales(self, linears):
+        self.register_buffer("weight_divisor", torch.cat([m.weight_divisor for m in linears]))
+        self.register_buffer("out_scale", torch.cat([m.out_scale[: m.out_features] for m in linears]))
 
     def from_quantized(self, xq, dtype):
         """The (m, out_features) output in dtype from an input already on this layer's grid."""
@@ -170,6 +204,7 @@ class FP8Linear(_Linear8):
     """FP8 e4m3 per-tensor weight x activation linear through torch._scaled_mm."""
 
     fast_accum = FP8_FAST_ACCUM
+    N_MULTIPLE = 16  # cuBLASLt fp8 wants k and n multiples of 16
 
     def __init__(self, qlinear, where="linear"):
         super().__init__()
@@ -180,6 +215,13 @@ class FP8Linear(_Linear8):
         self.register_buffer("weight", wq.view(torch.float8_e4m3fn))
         self.register_buffer("weight_scale", w_back.reshape(()).clone())  # 0-dim: export wants both
         self.register_buffer("bias", _copy_or_none(qlinear.bias))
+
+    @staticmethod
+    def _scales_concatenate(linears):
+        return all(torch.equal(m.weight_scale, linears[0].weight_scale) for m in linears)  # one per tensor
+
+    def _concatenate_scales(self, linears):
+        self.register_buffer("weight_scale", linears[0].weight_scale.clone())
 
     def from_quantized(self, xq, dtype):
         """The (m, out_features) output in dtype from an input (m, in_features) already on this

@@ -235,8 +235,9 @@ class InputQuantized(nn.Module):
         return self.module(self.act(x), *args, **kwargs)
 
 
-def _convert_attention(module, where, counts):
-    """Kept as a diffusers Attention; FP8 (or int8) static q/k/v quantizers move onto it."""
+def _convert_attention(module, where, counts, fuse_projections=True):
+    """Kept as a diffusers Attention; FP8 (or int8) static q/k/v quantizers move onto it; the
+    projections reading one input become one GEMM where they can (`fuse_projections`)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     quantizers = {n: getattr(module, n) for n in _ATTENTION_QUANTIZERS}
@@ -256,6 +257,11 @@ def _convert_attention(module, where, counts):
     elif any(enabled):
         raise ConfigError(f"{where}: q/k/v bmm quantizers must be enabled together (got {enabled})")
     plain = _strip_modelopt(module)
+    # the engine's processor runs this attention (quantized, or diffusers' default one): it can fuse
+    ours = bool(built) or type(plain.processor) is AttnProcessor2_0
+    fused = _fuse_projections(plain) if fuse_projections and ours else None
+    if fused:
+        counts[f"attention_{fused}"] += 1
     shared = _shared_input_quantizers(plain)
     if shared:
         counts["attention_shared_input_quantizers"] += 1
@@ -266,15 +272,42 @@ def _convert_attention(module, where, counts):
         counts[f"attention_{built['q_quant'].fmt}"] += 1
         if quantize_softmax:
             counts["softmax_quantized"] += 1
-    elif shared and type(plain.processor) is AttnProcessor2_0:  # the same attention, q/k/v inputs shared
+    elif (shared or fused) and ours:  # diffusers' attention with fewer quantize kernels or GEMMs
         plain.set_processor(QuantAttnProcessor(quantize_qkv=False, shared_inputs=shared))
     return plain
+
+
+# the attribute a fused projection group becomes (QuantAttnProcessor reads it)
+FUSED_PROJECTIONS = {("to_q", "to_k", "to_v"): "to_qkv", ("to_k", "to_v"): "to_kv"}
+
+
+def _fuse_projections(attn):
+    """The projections of `attn` that read one tensor in every call (quant/fusion.projection_group)
+    become one 8-bit linear computing them side by side, attn.to_qkv or attn.to_kv, where they can
+    (_Linear8.concatenated: one input grid and, fp8, one weight scale, which calibration's
+    `fused_scales` gives them). The members go: their weights live in the fused linear only (no
+    copy kept). Returns the fused attribute's name, or None."""
+    from quantdiff.quant.fusion import projection_group
+
+    members = projection_group(attn)
+    linears = [getattr(attn, name) for name in members]
+    if not isinstance(linears[0], _Linear8):
+        return None
+    fused = type(linears[0]).concatenated(linears)
+    if fused is None:
+        return None
+    fused.split_sizes = [m.out_features for m in linears]
+    name = FUSED_PROJECTIONS[members]
+    for member in members:
+        delattr(attn, member)
+    attn.add_module(name, fused)
+    return name
 
 
 def _shared_input_quantizers(attn):
     """Groups (tuples of names) of attn's 8-bit q/k/v projections of one type whose input
     quantizers are the same (QuantAttnProcessor.shared_inputs)."""
-    projections = [(name, getattr(attn, name)) for name in ("to_q", "to_k", "to_v")]
+    projections = [(name, getattr(attn, name)) for name in ("to_q", "to_k", "to_v") if hasattr(attn, name)]
     groups = []
     for name, projection in projections:
         if not isinstance(projection, _Linear8):
@@ -290,7 +323,7 @@ def _shared_input_quantizers(attn):
     return tuple(tuple(group) for group in groups if len(group) > 1)
 
 
-def _convert_module(module, where, counts):
+def _convert_module(module, where, counts, fuse_projections=True):
     """The replacement for one ModelOpt module (children already converted)."""
     from modelopt.torch.quantization.nn import QuantModule
 
@@ -311,7 +344,7 @@ def _convert_module(module, where, counts):
         counts[f"conv_{real.fmt}"] += 1
         return real
     if hasattr(module, "q_bmm_quantizer"):
-        return _convert_attention(module, where, counts)
+        return _convert_attention(module, where, counts, fuse_projections)
     # Any other quantized module (LayerNorm, pooling ...): keep it, emulate its input quantizer.
     inp = getattr(module, "input_quantizer", None)
     act = StaticQuant.from_quantizer(inp, f"{where}.input_quantizer") if inp is not None and inp.is_enabled else None
@@ -322,11 +355,11 @@ def _convert_module(module, where, counts):
     return InputQuantized(plain, act)
 
 
-def _convert_tree(parent, prefix, counts):
+def _convert_tree(parent, prefix, counts, fuse_projections=True):
     for name, child in list(parent.named_children()):
         where = f"{prefix}{name}"
-        _convert_tree(child, f"{where}.", counts)
-        new = _convert_module(child, where, counts)
+        _convert_tree(child, f"{where}.", counts, fuse_projections)
+        new = _convert_module(child, where, counts, fuse_projections)
         if new is not child:
             setattr(parent, name, new)
 
@@ -380,16 +413,18 @@ def remaining_modelopt_modules(model):
 
 
 @torch.no_grad()
-def convert_to_real_quant(unet):
+def convert_to_real_quant(unet, fuse_projections=True):
     """Replace every ModelOpt quantized module of `unet` in place with real 8-bit modules.
 
     Enabled Linear -> Int8Linear / FP8Linear, Conv2d -> QuantConv2d, Attention q/k/v quantizers ->
     QuantAttnProcessor; disabled ones become plain nn.Linear / nn.Conv2d / Attention; a GEGLU
-    FeedForward whose linears are both 8-bit -> GEGLUFeedForward. Returns (unet, counts by kind),
-    e.g. {"linear_int8": 30, "conv_int8": 20, "linear_kept": 2, "feed_forward_geglu": 10, ...}.
+    FeedForward whose linears are both 8-bit -> GEGLUFeedForward; with `fuse_projections` the
+    projections of an attention reading one input -> one 8-bit linear (to_qkv, to_kv) where they
+    can. Returns (unet, counts by kind), e.g. {"linear_int8": 30, "conv_int8": 20, "linear_kept": 2,
+    "feed_forward_geglu": 10, "attention_to_qkv": 10, ...}.
     """
     counts = Counter()
-    _convert_tree(unet, "", counts)
+    _convert_tree(unet, "", counts, fuse_projections)
     _fuse_geglu_feed_forwards(unet, counts)
     left = remaining_modelopt_modules(unet)
     if left:

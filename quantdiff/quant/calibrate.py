@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ..errors import CorruptArtifactError
 from ..io import atomic_path, write_json
 from .calibrators import STEP_CLOCK, StepRangePercentileCalibrator
+from .fusion import share_fused_scales
 from .levels import check_level, count_by_kind, fp8_attention_layers, quantized_layers
 from .recipe import modelopt_cuda_extensions_from_env, quant_config, smoothed_linears
 from .smoothing import ActivationSampler, smooth_per_layer
@@ -49,7 +50,8 @@ def calibration_loop(pipe, prompts, settings, progress, sampler=None):
 def quantize_unet(pipe, settings, log=print):
     """Quantize `pipe.unet` in place for settings['precision'] / settings['quant_level'].
 
-    Returns (layers {name: kind}, FP8 attention module names, per-layer alphas or {})."""
+    Returns (layers {name: kind}, FP8 attention module names, per-layer alphas or {}, the groups
+    of projections given one scale {attention: [members]}: quant/fusion.py)."""
     import modelopt.torch.quantization as mtq
 
     precision, level = settings["precision"], settings["quant_level"]
@@ -77,11 +79,14 @@ def quantize_unet(pipe, settings, log=print):
         hook.remove()
         progress.close()
     alphas = smooth_per_layer(unet, sampler) if auto_alpha else {}
+    fused = share_fused_scales(unet) if settings.get("fused_scales", True) else {}
+    if fused:
+        log(f"one scale per fused projection group: {len(fused)} attentions")
     if alphas:
         picked = [v["alpha"] for v in alphas.values()]
         log(f"SmoothQuant alpha per layer: {len(picked)} linears, mean {sum(picked) / len(picked):.2f}, "
             f"range {min(picked)}-{max(picked)}")
-    return layers, attention, alphas
+    return layers, attention, alphas, fused
 
 
 def _amax(quantizer):
@@ -89,9 +94,10 @@ def _amax(quantizer):
     return None if amax is None else amax.detach().float().cpu()
 
 
-def calibration_record(unet, layers, attention, settings, seconds, alphas=None):
+def calibration_record(unet, layers, attention, settings, seconds, alphas=None, fused=None):
     """calib.json: every quantized layer with its amax (and, with alpha: auto, its chosen alpha
-    and the output error at each alpha of the grid), and the settings used."""
+    and the output error at each alpha of the grid), the projection groups given one scale
+    (`fused_scales`), and the settings used."""
     modules = dict(unet.named_modules())
     record_layers = {}
     for name, kind in layers.items():
@@ -115,8 +121,10 @@ def calibration_record(unet, layers, attention, settings, seconds, alphas=None):
                                for q in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
                                if _amax(getattr(modules[name], q)) is not None}
                         for name in attention}
-    return {"settings": settings, "counts": count_by_kind(layers) | {"fp8_attention": len(attention)},
-            "layers": record_layers, "attention": record_attention, "seconds": round(seconds, 2)}
+    return {"settings": settings, "counts": count_by_kind(layers) | {"fp8_attention": len(attention),
+                                                                      "fused_scale_groups": len(fused or {})},
+            "layers": record_layers, "attention": record_attention, "fused_scales": fused or {},
+            "seconds": round(seconds, 2)}
 
 
 def calibrate(model_dir, settings, ckpt_path, record_path, log=print):
@@ -130,8 +138,8 @@ def calibrate(model_dir, settings, ckpt_path, record_path, log=print):
     torch.manual_seed(settings["seed"])
     pipe = load_pipeline(model_dir, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    layers, attention, alphas = quantize_unet(pipe, settings, log)
-    record = calibration_record(pipe.unet, layers, attention, settings, time.time() - start, alphas)
+    layers, attention, alphas, fused = quantize_unet(pipe, settings, log)
+    record = calibration_record(pipe.unet, layers, attention, settings, time.time() - start, alphas, fused)
     record["device"] = device
     with atomic_path(ckpt_path) as tmp:
         mto.save(pipe.unet, tmp)
