@@ -29,11 +29,15 @@ class QuantAttnProcessor:
     q/k/v grid that output is quantized in one go.
     """
 
-    def __init__(self, quantize_softmax=False, fp8_attention="sdpa", quantize_qkv=True, shared_inputs=()):
+    def __init__(self, quantize_softmax=False, fp8_attention="sdpa", quantize_qkv=True, shared_inputs=(),
+                 one_qkv_grid=False):
         self.quantize_softmax = quantize_softmax
         self.fp8_attention = fp8_attention  # gemm8.resolve_fp8_attention; set_fp8_attention sets a whole model
         self.quantize_qkv = quantize_qkv
         self.shared_inputs = shared_inputs
+        # q_quant, k_quant and v_quant are one grid (StaticQuant.same_grid), decided at conversion:
+        # comparing buffers in forward would be a data-dependent branch, which export refuses
+        self.one_qkv_grid = one_qkv_grid
 
     def runs_fp8_kernel(self, attn, query, attention_mask):
         """True where the Triton fp8 attention takes this call: fp8 q/k/v quantizers without a
@@ -93,8 +97,7 @@ class QuantAttnProcessor:
             # no fp16 write, and no separate quantize kernel between them
             projection = attn.to_out[0]
             fused = isinstance(projection, FP8Linear) and projection.act.pre_quant_scale is None
-            if qkv is not None and attn.norm_q is None and attn.norm_k is None \
-                    and all(quants[0].same_grid(q) for q in quants[1:]):
+            if qkv is not None and self.one_qkv_grid and attn.norm_q is None and attn.norm_k is None:
                 # one grid for q, k and v (calibration's fused_scales): one quantize of the fused output
                 quantized = [split_heads(t) for t in quants[0].quantize(qkv).split(attn.to_qkv.split_sizes, -1)]
             else:

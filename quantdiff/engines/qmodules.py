@@ -268,7 +268,9 @@ def _convert_attention(module, where, counts, fuse_projections=True):
     if built:
         for name, quant in built.items():
             plain.add_module(name, quant)
-        plain.set_processor(QuantAttnProcessor(quantize_softmax=quantize_softmax, shared_inputs=shared))
+        quants = [built[f"{short}_quant"] for short in ("q", "k", "v")]
+        plain.set_processor(QuantAttnProcessor(quantize_softmax=quantize_softmax, shared_inputs=shared,
+                                               one_qkv_grid=all(quants[0].same_grid(q) for q in quants[1:])))
         counts[f"attention_{built['q_quant'].fmt}"] += 1
         if quantize_softmax:
             counts["softmax_quantized"] += 1
