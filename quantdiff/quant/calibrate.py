@@ -121,8 +121,7 @@ def calibration_record(unet, layers, attention, settings, seconds, alphas=None, 
                                for q in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
                                if _amax(getattr(modules[name], q)) is not None}
                         for name in attention}
-    return {"settings": settings, "counts": count_by_kind(layers) | {"fp8_attention": len(attention),
-                                                                      "fused_scale_groups": len(fused or {})},
+    return {"settings": settings, "counts": count_by_kind(layers) | {"fp8_attention": len(attention)},
             "layers": record_layers, "attention": record_attention, "fused_scales": fused or {},
             "seconds": round(seconds, 2)}
 
