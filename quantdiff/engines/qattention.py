@@ -148,7 +148,8 @@ class QuantAttnProcessor:
             for i in members:
                 projection = getattr(attn, names[i])
                 outputs[i] = projection.from_quantized(xq, x.dtype).reshape(*x.shape[:-1], projection.out_features)
-        return [out if out is not None else getattr(attn, name)(x) for out, name, x in zip(outputs, names, inputs)] + [None]
+        outputs = [out if out is not None else getattr(attn, name)(x) for out, name, x in zip(outputs, names, inputs)]
+        return (*outputs, None)
 
     @staticmethod
     def _finish(attn, projected, image_layout, residual, image_shape):

@@ -135,13 +135,13 @@ class _Linear8(nn.Module):
             raise ConfigError(f"{where}: {type(self).__name__} needs {fmt_name} weight and input quantizers")
         return wq, factor
 
-
     @classmethod
     def concatenated(cls, linears):
         """One linear of this class computing `linears` side by side (their outputs concatenated), for
         linears of it reading one input on one 8-bit grid (StaticQuant.same_grid), each with a bias or
         none: one GEMM instead of several, the same sums column by column. None where they cannot be
-        (fp8: weight scales that differ, which quant/fusion.py makes equal at calibration)."""
+        (fp8: weight scales that differ, which quant/fusion.py makes equal at calibration). Its
+        `split_sizes` are the members' widths, in order."""
         first = linears[0]
         if (len(linears) < 2 or any(type(m) is not cls or m.in_features != first.in_features
                                     or not first.act.same_grid(m.act) or (m.bias is None) != (first.bias is None)
@@ -151,6 +151,7 @@ class _Linear8(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.in_features, fused.out_features = first.in_features, sum(m.out_features for m in linears)
+        fused.split_sizes = [m.out_features for m in linears]
         fused.act = first.act
         weight = torch.cat([m.weight[: m.out_features] for m in linears])
         n_pad = _round_up(fused.out_features, cls.N_MULTIPLE) - fused.out_features

@@ -298,7 +298,6 @@ def _fuse_projections(attn):
     fused = type(linears[0]).concatenated(linears)
     if fused is None:
         return None
-    fused.split_sizes = [m.out_features for m in linears]
     name = FUSED_PROJECTIONS[members]
     for member in members:
         delattr(attn, member)
