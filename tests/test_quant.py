@@ -132,7 +132,7 @@ def calibrated(tiny_xl_dir, tmp_path_factory):
 def test_calibration_record(calibrated):
     out, record = calibrated
     assert record["counts"] == {"conv": 26, "ff": 24, "qkv": 72, "linear": 36, "fp8_attention": 0}
-    assert record["fused_scales"] == {}  # int8: its scales stay per layer
+    assert len(record["fused_scales"]) == 24  # one smoothing for each attention's q/k/v (k/v)
     assert len(record["layers"]) == 158 and (out / "calib.json").is_file()
     conv = record["layers"]["down_blocks.0.resnets.0.conv1"]
     assert conv["kind"] == "conv" and len(conv["input_amax_by_step"]) == 4
@@ -144,20 +144,70 @@ def test_calibration_record(calibrated):
     assert record["settings"]["alpha"] == 0.8
 
 
-@pytest.fixture(scope="module")
-def fp8_level4_unets(tiny_xl_dir):
-    """tiny-xl calibrated for fp8 level 4 twice: with fused_scales (the default) and without."""
+def calibrated_with_and_without_fused_scales(model_dir, precision, level):
+    """{fused_scales: (calibrated UNet, its fused groups)} for both settings, one seed."""
     from quantdiff.models import load_pipeline
     from quantdiff.quant.calibrate import quantize_unet
 
     out = {}
     for fused_scales in (True, False):
         torch.manual_seed(0)
-        pipe = load_pipeline(tiny_xl_dir, dtype=torch.float32, device="cpu")
+        pipe = load_pipeline(model_dir, dtype=torch.float32, device="cpu")
         pipe.set_progress_bar_config(disable=True)
-        result = quantize_unet(pipe, quick_settings("fp8", 4, fused_scales=fused_scales), log=lambda *a: None)
+        result = quantize_unet(pipe, quick_settings(precision, level, fused_scales=fused_scales), log=lambda *a: None)
         out[fused_scales] = pipe.unet, result[3]
     return out
+
+
+@pytest.fixture(scope="module")
+def fp8_level4_unets(tiny_xl_dir):
+    return calibrated_with_and_without_fused_scales(tiny_xl_dir, "fp8", 4)
+
+
+@pytest.fixture(scope="module")
+def int8_level3_unets(tiny_xl_dir):
+    return calibrated_with_and_without_fused_scales(tiny_xl_dir, "int8", 3)
+
+
+def test_int8_projections_of_one_input_share_one_smoothing(int8_level3_unets):
+    """fused_scales with SmoothQuant at a fixed alpha: each group gets one smoothing, SmoothQuant's
+    formula over all its weights (ModelOpt's undo and apply), so its members quantize one input
+    tensor: equal pre-quant scales and input amax. The function stays: smoothed weight times
+    smoothing is the unsmoothed weight, as in the layer smoothed alone; per-channel weights."""
+    from quantdiff.quant.smoothing import smoothing_scale
+
+    (shared_unet, groups), (own_unet, _) = int8_level3_unets[True], int8_level3_unets[False]
+    assert len(groups) == 24
+    shared, own = dict(shared_unet.named_modules()), dict(own_unet.named_modules())
+    differed = 0
+    for name, members in groups.items():
+        linears = [shared[f"{name}.{m}"] for m in members]
+        alone = [own[f"{name}.{m}"] for m in members]
+        scales = [m.input_quantizer.pre_quant_scale for m in linears]
+        assert all(torch.equal(s, scales[0]) for s in scales), name
+        assert all(torch.equal(m.input_quantizer.amax, linears[0].input_quantizer.amax) for m in linears), name
+        differed += any(not torch.equal(a.input_quantizer.pre_quant_scale, alone[0].input_quantizer.pre_quant_scale)
+                        for a in alone)
+        unsmoothed = [a.weight * a.input_quantizer.pre_quant_scale for a in alone]
+        for m, weight in zip(linears, unsmoothed):
+            assert torch.allclose(m.weight * scales[0], weight, rtol=1e-5, atol=1e-6), name
+            assert m.weight_quantizer.amax.numel() == m.out_features  # per output channel
+            assert torch.equal(m.weight_quantizer.amax.reshape(-1), m.weight.abs().amax(dim=1)), name
+        act_amax = alone[0].input_quantizer._amax_for_smoothing
+        assert torch.allclose(scales[0], smoothing_scale(act_amax, torch.cat(unsmoothed), 0.8), rtol=1e-4), name
+    assert differed == len(groups)  # each projection had its own smoothing before
+
+
+def test_alpha_auto_keeps_each_layers_smoothing(tiny_xl_dir):
+    """With `alpha: auto` every layer has its own alpha, which one smoothing cannot keep: int8
+    groups are left as calibrated."""
+    from quantdiff.models import load_pipeline
+    from quantdiff.quant.calibrate import quantize_unet
+
+    pipe = load_pipeline(tiny_xl_dir, dtype=torch.float32, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    _, _, alphas, fused = quantize_unet(pipe, quick_settings("int8", 2.5, alpha="auto"), log=lambda *a: None)
+    assert len(alphas) == 24 + 72 and fused == {}
 
 
 def test_fp8_projections_of_one_input_share_one_scale(fp8_level4_unets):

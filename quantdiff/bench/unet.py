@@ -168,7 +168,7 @@ def measure(name, module, inputs, flops, args, log, backend="compile", inductor=
 
 def quantized_copy(unet, precision, level, inputs):
     """ModelOpt fake-quant copy calibrated on the benchmark input (speed does not need more), its
-    fp8 projections of one input sharing one scale (calibration.fused_scales, the default)."""
+    projections of one input sharing their scales (calibration.fused_scales, the default)."""
     import modelopt.torch.quantization as mtq
 
     from ..quant.fusion import share_fused_scales
@@ -185,7 +185,7 @@ def quantized_copy(unet, precision, level, inputs):
             m(**inputs)
 
     mtq.quantize(model, quant_config(precision, layers, attention, settings), forward_loop=loop)
-    share_fused_scales(model)
+    share_fused_scales(model, settings["alpha"])
     return model
 
 

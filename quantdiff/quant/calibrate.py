@@ -79,7 +79,7 @@ def quantize_unet(pipe, settings, log=print):
         hook.remove()
         progress.close()
     alphas = smooth_per_layer(unet, sampler) if auto_alpha else {}
-    fused = share_fused_scales(unet) if settings.get("fused_scales", True) else {}
+    fused = share_fused_scales(unet, settings["alpha"]) if settings.get("fused_scales", True) else {}
     if fused:
         log(f"one scale per fused projection group: {len(fused)} attentions")
     if alphas:
