@@ -802,3 +802,24 @@ def test_geglu_choice(monkeypatch):
     with pytest.raises(MissingBackendError, match="engine.geglu is triton, but the triton package"):
         gemm8.resolve_geglu("triton", "cuda")
     assert gemm8.resolve_kernels("int8", "cuda", int8_gemm="int_mm", conv_patches="inductor")["geglu"] == "inductor"
+
+
+def test_a_crashing_check_process_says_where(tmp_path):
+    """The engine self-check's process runs with faulthandler: one that a segfault kills (as an int8
+    package did on an H200) reports the crash and its innermost Python frames, not an empty tail."""
+    import os
+    import subprocess
+    import sys
+
+    from quantdiff.engines.check import failure_lines
+
+    script = tmp_path / "crash.py"
+    script.write_text("import ctypes\n\ndef run_package():\n    ctypes.string_at(0)\n\nrun_package()\n")
+    proc = subprocess.run([sys.executable, str(script)], env=dict(os.environ, PYTHONFAULTHANDLER="1"),
+                          capture_output=True, text=True)
+    assert proc.returncode == -11
+    said = failure_lines(proc)
+    assert said[0] == "Fatal Python error: Segmentation fault"
+    assert any("line 4 in run_package" in line for line in said), said
+    plain = subprocess.run([sys.executable, "-c", "raise SystemExit('no engine here')"], capture_output=True, text=True)
+    assert failure_lines(plain) == ["no engine here"]

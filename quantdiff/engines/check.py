@@ -45,17 +45,29 @@ def packaged_outputs(engine_path, input_sets, name):
     """The package's output on each tuple of positional inputs, computed in a fresh Python process
     (`name`: the engine's path in messages)."""
     package_root = str(Path(__file__).resolve().parents[2])  # where `quantdiff` imports from
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    # faulthandler: a package that crashes the process (a segfault on an H200: docs/PERF.md) says where
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+               PYTHONFAULTHANDLER="1")
     with tempfile.TemporaryDirectory(prefix="quantdiff-engine-check-") as workdir:
         inputs_path, output_path = Path(workdir) / "inputs.pt", Path(workdir) / "output.pt"
         torch.save([tuple(inputs) for inputs in input_sets], inputs_path)
         proc = subprocess.run([sys.executable, "-m", "quantdiff.engines.check", str(engine_path), str(inputs_path),
                                str(output_path)], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise EngineOutputError(f"{name}: the packaged engine did not run on the build's example inputs "
-                                    f"(exit status {proc.returncode}): {' / '.join(tail)}")
+                                    f"(exit status {proc.returncode}): {' / '.join(failure_lines(proc))}")
         return torch.load(output_path, map_location=input_sets[0][0].device)
+
+
+def failure_lines(proc, count=3):
+    """What a failed check process said: the last lines of a Python error, or, for a process a
+    signal killed, faulthandler's kind of crash and innermost frames (it prints them first)."""
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    if proc.returncode >= 0:
+        return lines[-count:]
+    fatal = [line.strip() for line in lines if line.startswith("Fatal Python error")]
+    frames = [line.strip() for line in lines if line.strip().startswith("File ")]
+    return (fatal + frames)[: count + 1] or ["no output (killed by a signal)"]
 
 
 @torch.no_grad()
