@@ -34,9 +34,11 @@ def test_int8_level4_variant_is_refused(config):
         validate_config(bad, root=ROOT)
 
 
-def _record(variant, psnr, precision="int8", level=3, alpha=0.8, percentile=1.0, method="min-mean", alphas=None):
+def _record(variant, psnr, precision="int8", level=3, alpha=0.8, percentile=1.0, method="min-mean", alphas=None,
+            fused_scales=True):
     return {"variant": variant, "precision": precision, "quant_level": level,
-            "calibration": {"alpha": alpha, "percentile": percentile, "collect_method": method},
+            "calibration": {"alpha": alpha, "percentile": percentile, "collect_method": method,
+                            "fused_scales": fused_scales},
             "alphas": alphas or {},
             "quality": {"psnr_db": [psnr, psnr], "psnr_db_mean": psnr, "ssim_mean": 0.9,
                         "sqnr_db_by_step": [20.0, 25.0, "inf"], "sqnr_db_mean": 22.5,
@@ -92,3 +94,16 @@ def test_alpha_comparison_is_made_within_each_conv_calibration():
     # in the plain-max group, auto (26.0 dB) is compared with int8-L3-max (alpha 0.8, 25.0 dB) only
     assert maxed == ["SmoothQuant (max-max, percentile 1.0): `alpha: auto` (int8-L3-max-auto) 26.00 dB against the "
                      "best global alpha (int8-L3-max, alpha 0.8) 25.00 dB: auto is better."]
+
+
+def test_fused_scales_are_compared_with_each_layers_own():
+    """A variant calibrated with fused_scales false is compared with its like of the default, and
+    is left out of the other comparisons (it would otherwise stand in for a global alpha)."""
+    records = RECORDS + [_record("int8-L3-own-scales", 29.0, fused_scales=False),
+                         _record("fp8-L4-own-scales", 29.5, precision="fp8", level=4, fused_scales=False)]
+    lines = findings({r["variant"]: r for r in records})
+    assert lines[1:3] == ["One scale per fused projection group (int8-L3) 27.00 dB against each layer's own "
+                          "(int8-L3-own-scales) 29.00 dB: -2.00 dB.",
+                          "One scale per fused projection group (fp8-L4) 30.00 dB against each layer's own "
+                          "(fp8-L4-own-scales) 29.50 dB: +0.50 dB."]
+    assert lines[3:] == findings({r["variant"]: r for r in RECORDS})[1:]  # the rest as without them

@@ -17,15 +17,37 @@ def _fmt(value, digits=2):
 
 def _calibration_note(record, baseline):
     """The calibration settings where they differ from the study's baseline variant."""
-    keys = ("percentile", "collect_method", "alpha")
+    keys = ("percentile", "collect_method", "alpha", "fused_scales")
     calib = record["calibration"]
-    diffs = [f"{k} {calib[k]}" for k in keys if baseline and calib.get(k) != baseline["calibration"].get(k)]
+    diffs = [f"{k} {calib.get(k)}" for k in keys if baseline and calib.get(k) != baseline["calibration"].get(k)]
     return ", ".join(diffs) or "-"
 
 
 def _best(records, names):
     present = [records[n] for n in names if n in records]
     return max(present, key=lambda r: _num(r["quality"]["psnr_db_mean"])) if present else None
+
+
+def _shared_scales(record):
+    return record["calibration"].get("fused_scales", True)  # records from before the setting: shared by default
+
+
+def fused_scale_findings(records):
+    """Each variant calibrated with `fused_scales: false` against the variant of the same precision,
+    level and other calibration settings with the default (one scale per fused projection group)."""
+    keys = ("percentile", "collect_method", "alpha")
+    lines = []
+    for own in (r for r in records.values() if not _shared_scales(r)):
+        same = [r for r in records.values() if _shared_scales(r) and r["precision"] == own["precision"]
+                and r["quant_level"] == own["quant_level"]
+                and all(r["calibration"].get(k) == own["calibration"].get(k) for k in keys)]
+        if not same:
+            continue
+        shared = same[0]
+        a, b = _num(shared["quality"]["psnr_db_mean"]), _num(own["quality"]["psnr_db_mean"])
+        lines.append(f"One scale per fused projection group ({shared['variant']}) {a:.2f} dB against each layer's "
+                     f"own ({own['variant']}) {b:.2f} dB: {a - b:+.2f} dB.")
+    return lines
 
 
 def findings(records, baseline="int8-L3", goal_db=26.0):
@@ -36,7 +58,9 @@ def findings(records, baseline="int8-L3", goal_db=26.0):
         verdict = "meets" if psnr >= goal_db else "misses"
         lines.append(f"INT8 level 3 ({baseline}): mean PSNR {psnr:.2f} dB vs fp16, which {verdict} the "
                      f"{goal_db:.0f} dB goal.")
-    int8 = {n: r for n, r in records.items() if r["precision"] == "int8"}
+    lines += fused_scale_findings(records)
+    # (the comparisons below are among variants with calibration's default, shared projection scales)
+    int8 = {n: r for n, r in records.items() if r["precision"] == "int8" and _shared_scales(r)}
     # alpha: auto against the best global alpha, within each conv calibration (same level too)
     groups = {}
     for n, r in int8.items():
