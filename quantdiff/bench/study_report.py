@@ -15,9 +15,13 @@ def _fmt(value, digits=2):
     return "inf" if value == math.inf else ("-" if math.isnan(value) else f"{value:.{digits}f}")
 
 
+# the calibration settings the study's variants differ in (besides fused_scales)
+CALIBRATION_KEYS = ("percentile", "collect_method", "alpha")
+
+
 def _calibration_note(record, baseline):
     """The calibration settings where they differ from the study's baseline variant."""
-    keys = ("percentile", "collect_method", "alpha", "fused_scales")
+    keys = (*CALIBRATION_KEYS, "fused_scales")
     calib = record["calibration"]
     diffs = [f"{k} {calib.get(k)}" for k in keys if baseline and calib.get(k) != baseline["calibration"].get(k)]
     return ", ".join(diffs) or "-"
@@ -35,12 +39,11 @@ def _shared_scales(record):
 def fused_scale_findings(records):
     """Each variant calibrated with `fused_scales: false` against the variant of the same precision,
     level and other calibration settings with the default (one scale per fused projection group)."""
-    keys = ("percentile", "collect_method", "alpha")
     lines = []
     for own in (r for r in records.values() if not _shared_scales(r)):
         same = [r for r in records.values() if _shared_scales(r) and r["precision"] == own["precision"]
                 and r["quant_level"] == own["quant_level"]
-                and all(r["calibration"].get(k) == own["calibration"].get(k) for k in keys)]
+                and all(r["calibration"].get(k) == own["calibration"].get(k) for k in CALIBRATION_KEYS)]
         if not same:
             continue
         shared = same[0]

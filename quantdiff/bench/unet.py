@@ -325,7 +325,7 @@ def main(argv=None):
         real = projections = None
         for projection_mode, mode, kernel, patches, attention, geglu in variants:
             if projection_mode != projections:  # each projection mode is a conversion of its own
-                del real
+                del real  # the previous one goes before the next copy is made (SDXL: GBs of GPU memory)
                 real, converted = convert_to_real_quant(copy.deepcopy(fake) if len(projection_modes) > 1 else fake,
                                                         PROJECTION_MODES[projection_mode])
                 convs, projections = [m for m in real.modules() if isinstance(m, QuantConv2d)], projection_mode

@@ -20,8 +20,7 @@ but calibration gives each its own scales, so each needs a GEMM of its own. Here
 """
 import torch
 
-FP8_BITS = (4, 3)  # ModelOpt's num_bits for e4m3
-INT8_BITS = 8
+from .recipe import FORMATS
 
 
 def projection_group(attn):
@@ -30,7 +29,7 @@ def projection_group(attn):
 
 
 def _fp8_per_tensor(quantizer):
-    return (quantizer is not None and quantizer.is_enabled and quantizer.num_bits == FP8_BITS
+    return (quantizer is not None and quantizer.is_enabled and quantizer.num_bits == FORMATS["fp8"]
             and getattr(quantizer, "amax", None) is not None and quantizer.amax.numel() == 1)
 
 
@@ -57,7 +56,7 @@ def _smoothed_int8(linear):
     """True for an INT8 linear that ModelOpt's SmoothQuant smoothed in this process (its per-channel
     activation amax is still at hand)."""
     inp, weight = linear.input_quantizer, linear.weight_quantizer
-    return (inp.is_enabled and weight.is_enabled and inp.num_bits == INT8_BITS and weight.num_bits == INT8_BITS
+    return (inp.is_enabled and weight.is_enabled and inp.num_bits == FORMATS["int8"] and weight.num_bits == FORMATS["int8"]
             and inp.pre_quant_scale is not None and getattr(inp, "_amax_for_smoothing", None) is not None)
 
 
