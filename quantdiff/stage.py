@@ -1,6 +1,7 @@
 """Glue shared by the thin rule scripts: logging to the rule's log and to the terminal, and
 turning a QuantdiffError into one clear line and a failed job (Snakemake then removes outputs)."""
 import contextlib
+import faulthandler
 import sys
 import time
 
@@ -30,10 +31,14 @@ def stage(snakemake):
     """`with stage(snakemake) as log:` in every rule script."""
     log = StageLog(snakemake.log[0] if len(snakemake.log) else None)
     log(f"rule {snakemake.rule} {dict(snakemake.wildcards)}")
+    # A crash in native code (an AOTInductor package segfaulted on load on an H100: docs/PERF.md)
+    # leaves its kind and Python frames in the rule's log rather than nothing.
+    faulthandler.enable(file=log.file or sys.stderr)
     try:
         yield log
     except QuantdiffError as err:
         log(f"ERROR: {err}")
-        log.close()
         sys.exit(1)
-    log.close()
+    finally:
+        faulthandler.disable()
+        log.close()

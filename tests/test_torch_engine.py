@@ -544,7 +544,7 @@ def test_self_check_passes_a_good_package_and_deletes_a_wrong_one(int8_pair, int
     assert not copy_.exists()
 
     copy_.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # one that does not load
-    with pytest.raises(EngineOutputError, match=r"the packaged engine did not run on the build's example inputs "
+    with pytest.raises(EngineOutputError, match=r"the packaged engine did not load "
                                                 r"\(exit status 1\): .*CorruptArtifactError"):
         check_engine(copy_, eager, [inputs], log=said.append)
     assert not copy_.exists()
@@ -822,3 +822,51 @@ def test_a_crashing_check_process_says_where(tmp_path):
     assert any("line 4 in run_package" in line for line in said), said
     plain = subprocess.run([sys.executable, "-c", "raise SystemExit('no engine here')"], capture_output=True, text=True)
     assert failure_lines(plain) == ["no engine here"]
+
+
+# Stands in for the check process: dies of a segfault, before the package could have loaded where
+# CRASH is "load" (for every package, or only for the one named engine.pt2), after where it is
+# "run"; otherwise it is the real check process.
+FAKE_CHECK = """
+import ctypes, os, runpy, sys
+crash, only_engine = os.environ["CRASH"], os.environ.get("ONLY_ENGINE") == "1"
+if crash == "load" and (sys.argv[1].endswith("engine.pt2") or not only_engine):
+    ctypes.string_at(0)
+if crash == "run":
+    print("quantdiff-check: package loaded", flush=True)
+    ctypes.string_at(0)
+sys.argv[0] = "check"
+runpy.run_module("quantdiff.engines.check", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("crash, only_engine, verdict", [
+    ("run", False, r"did not run on the build's example inputs \(exit status -11\): Fatal Python error: Segmentation"),
+    ("load", True, r"did not load \(exit status -11\): Fatal Python error: Segmentation fault.*\. A one-linear "
+                   r"AOTInductor package built here for comparison loads, so it is this engine's package"),
+    ("load", False, r"did not load \(exit status -11\).*\. So did a one-linear AOTInductor package built here for "
+                    r"comparison \(Fatal Python error: Segmentation fault.*\): torch .* cannot load AOTInductor "
+                    r"packages on this machine, whatever they hold"),
+])
+def test_a_check_process_that_crashes_says_whether_loading_or_running(tmp_path, monkeypatch, crash, only_engine,
+                                                                        verdict):
+    """A package that kills the check process while loading is told apart from one that kills it
+    running, and compared with a one-linear package built on the spot (on an H100 with torch 2.11
+    every CUDA package crashed the loader, docs/PERF.md): the error says whether it is the engine or
+    this machine's torch. A crash while running needs no probe."""
+    import sys
+
+    from quantdiff.engines import check
+    from quantdiff.errors import EngineOutputError
+
+    fake = tmp_path / "fake_check.py"
+    fake.write_text(FAKE_CHECK)
+    monkeypatch.setattr(check, "CHECK_COMMAND", [sys.executable, str(fake)])
+    monkeypatch.setenv("CRASH", crash)
+    monkeypatch.setenv("ONLY_ENGINE", "1" if only_engine else "0")
+    probes = []
+    real_probe = check.probe_package_loading
+    monkeypatch.setattr(check, "probe_package_loading", lambda *a: probes.append(a) or real_probe(*a))
+    with pytest.raises(EngineOutputError, match=r"engine\.pt2: the packaged engine " + verdict):
+        check.packaged_outputs(tmp_path / "engine.pt2", [(torch.zeros(2, 3),)], tmp_path / "engine.pt2")
+    assert probes == ([] if crash == "run" else [(torch.device("cpu"), torch.float32)])

@@ -6,7 +6,10 @@ A kernel can be right under torch.compile and wrong inside a package: on an H200
 made NaN images while the same modules compiled gave the fake-quant model's output (docs/PERF.md).
 Run here, such an engine fails its build, named and with its error, instead of reaching the bench.
 The package is loaded in another process because loading one compiled earlier in the same process
-crashed on the GPU (docs/PERF.md); it is the way the bench stage loads it, too.
+crashed on the GPU (docs/PERF.md); it is the way the bench stage loads it, too. A package that
+crashes its process while loading is compared with a one-linear package built on the spot: on an
+H100 with torch 2.11 (2026-12-07) every CUDA package crashed the loader, the one-linear one too,
+and the build then says so instead of blaming the engine's kernels.
 
     python -m quantdiff.engines.check ENGINE INPUTS OUTPUT   (what check_engine runs)
 """
@@ -41,22 +44,69 @@ def smallest_inputs(inputs, shape_ranges):
     return (sample[:batch, :, :height, :width].contiguous(), *(t[:batch].contiguous() for t in rest))
 
 
-def packaged_outputs(engine_path, input_sets, name):
-    """The package's output on each tuple of positional inputs, computed in a fresh Python process
-    (`name`: the engine's path in messages)."""
+# What the check process prints once the package has loaded: a process that dies without it died
+# loading the package, not running it.
+LOADED = "quantdiff-check: package loaded"
+# the check process's command line, before its three arguments
+CHECK_COMMAND = [sys.executable, "-m", "quantdiff.engines.check"]
+
+
+def _check_process(engine_path, input_sets, workdir):
+    """Runs `python -m quantdiff.engines.check` on the package and the tuples of positional inputs in
+    a fresh process; returns (the finished process, the path its outputs are saved to)."""
     package_root = str(Path(__file__).resolve().parents[2])  # where `quantdiff` imports from
     # faulthandler: a package that crashes the process (a segfault on an H200: docs/PERF.md) says where
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
                PYTHONFAULTHANDLER="1")
+    inputs_path, output_path = Path(workdir) / "inputs.pt", Path(workdir) / "output.pt"
+    torch.save([tuple(inputs) for inputs in input_sets], inputs_path)
+    proc = subprocess.run([*CHECK_COMMAND, str(engine_path), str(inputs_path), str(output_path)], env=env,
+                          capture_output=True, text=True)
+    return proc, output_path
+
+
+def packaged_outputs(engine_path, input_sets, name):
+    """The package's output on each tuple of positional inputs, computed in a fresh Python process
+    (`name`: the engine's path in messages)."""
     with tempfile.TemporaryDirectory(prefix="quantdiff-engine-check-") as workdir:
-        inputs_path, output_path = Path(workdir) / "inputs.pt", Path(workdir) / "output.pt"
-        torch.save([tuple(inputs) for inputs in input_sets], inputs_path)
-        proc = subprocess.run([sys.executable, "-m", "quantdiff.engines.check", str(engine_path), str(inputs_path),
-                               str(output_path)], env=env, capture_output=True, text=True)
+        proc, output_path = _check_process(engine_path, input_sets, workdir)
         if proc.returncode != 0:
-            raise EngineOutputError(f"{name}: the packaged engine did not run on the build's example inputs "
-                                    f"(exit status {proc.returncode}): {' / '.join(failure_lines(proc))}")
+            raise EngineOutputError(f"{name}: {failure_summary(proc, input_sets[0][0])}")
         return torch.load(output_path, map_location=input_sets[0][0].device)
+
+
+def failure_summary(proc, sample):
+    """Why the check process failed: while loading the package or while running it, with what it
+    said. A process that a signal killed while loading gets the verdict of probe_package_loading
+    (on `sample`'s device and dtype): whether any package loads here."""
+    said = " / ".join(failure_lines(proc))
+    if LOADED in proc.stdout:
+        return f"the packaged engine did not run on the build's example inputs (exit status {proc.returncode}): {said}"
+    summary = f"the packaged engine did not load (exit status {proc.returncode}): {said}"
+    if proc.returncode >= 0:  # an error the loader raised (a corrupt file) says why itself
+        return summary
+    probe = probe_package_loading(sample.device, sample.dtype)
+    if probe is None:
+        return (f"{summary}. A one-linear AOTInductor package built here for comparison loads, so it is this "
+                f"engine's package that crashes the loader.")
+    return (f"{summary}. So did a one-linear AOTInductor package built here for comparison ({probe}): torch "
+            f"{torch.__version__} cannot load AOTInductor packages on this machine, whatever they hold (as on an "
+            f"H100 with torch 2.11.0+cu130, docs/PERF.md), so no torch engine can be built here. Build it where "
+            f"packages load, or time the 8-bit UNet through torch.compile: python -m quantdiff.bench.unet.")
+
+
+def probe_package_loading(device, dtype):
+    """None if a one-linear AOTInductor package, built here on `device` in `dtype`, loads and runs in a
+    fresh process (as the self-check runs an engine); else what that process said."""
+    with tempfile.TemporaryDirectory(prefix="quantdiff-package-probe-") as workdir:
+        linear = torch.nn.Linear(16, 16).to(device=device, dtype=dtype).eval()
+        example = torch.randn(8, 16, device=device, dtype=dtype)
+        with torch.no_grad():
+            program = torch.export.export(linear, (example,))
+        package = Path(workdir) / "probe.pt2"
+        torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+        proc, _ = _check_process(package, [(example,)], workdir)
+        return None if proc.returncode == 0 else " / ".join(failure_lines(proc))
 
 
 def failure_lines(proc, count=3):
@@ -108,6 +158,7 @@ def main(argv):
 
     engine_path, inputs_path, output_path = argv
     runner = load_engine(engine_path)
+    print(LOADED, flush=True)
     outputs = []
     with torch.no_grad():
         for inputs in torch.load(inputs_path):
