@@ -870,3 +870,15 @@ def test_a_check_process_that_crashes_says_whether_loading_or_running(tmp_path, 
     with pytest.raises(EngineOutputError, match=r"engine\.pt2: the packaged engine " + verdict):
         check.packaged_outputs(tmp_path / "engine.pt2", [(torch.zeros(2, 3),)], tmp_path / "engine.pt2")
     assert probes == ([] if crash == "run" else [(torch.device("cpu"), torch.float32)])
+
+
+def test_probe_says_whether_packages_load_here():
+    """`python -m quantdiff.engines.check --probe`: the one-linear package of the self-check's
+    comparison, as a command to run on a new machine before building engines there."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "quantdiff.engines.check", "--probe", "cpu"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"a one-linear AOTInductor package on cpu (torch {torch.__version__}) loads"

@@ -12,6 +12,7 @@ H100 with torch 2.11 (2026-12-07) every CUDA package crashed the loader, the one
 and the build then says so instead of blaming the engine's kernels.
 
     python -m quantdiff.engines.check ENGINE INPUTS OUTPUT   (what check_engine runs)
+    python -m quantdiff.engines.check --probe [DEVICE]      (do packages load here at all?)
 """
 import os
 import subprocess
@@ -153,9 +154,21 @@ def check_engine(engine_path, eager, input_sets, log=print, bound=CHECK_BOUND, n
     return {"rel_err_vs_eager": max(c["rel_err_vs_eager"] for c in by_shape), "bound": bound, "by_shape": by_shape}
 
 
+def probe_main(device):
+    """`--probe [DEVICE]`: whether AOTInductor packages load here at all (exit status 0 if they do)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    failure = probe_package_loading(device, dtype)
+    verdict = "loads" if failure is None else f"does not load: {failure}"
+    print(f"a one-linear AOTInductor package on {device} (torch {torch.__version__}) {verdict}")
+    return 0 if failure is None else 1
+
+
 def main(argv):
     from .torch import load_engine
 
+    if argv[:1] == ["--probe"]:
+        return probe_main(argv[1] if len(argv) > 1 else None)
     engine_path, inputs_path, output_path = argv
     runner = load_engine(engine_path)
     print(LOADED, flush=True)
@@ -168,4 +181,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
