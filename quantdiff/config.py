@@ -120,7 +120,7 @@ def engine_settings(config, model, precision, backend="torch"):
     engine = merged(config, model, "engine")
     own = {"tensorrt": {"optimization_level": engine["optimization_level"].get(precision, 3),
                         "timing_cache": engine["timing_cache"]},
-           "torch": {"inductor": engine["inductor"]}}[backend]
+           "torch": {"inductor": engine["inductor"], "torch_format": engine["torch_format"]}}[backend]
     if backend == "torch" and precision == "int8":
         own["int8_gemm"] = engine["int8_gemm"]
     if backend == "torch" and precision != "fp16":

@@ -56,6 +56,7 @@ def test_alpha_auto_is_valid(config):
     (lambda c: c["export"].update(ort_check="sometimes"), "config key 'export.ort_check': 'sometimes' is not one of"),
     (lambda c: c["engine"].update(int8_gemm="cutlass"), "config key 'engine.int8_gemm': 'cutlass' is not one of ['auto', 'triton', 'triton-tma', 'int_mm']"),
     (lambda c: c["engine"].update(conv_patches="cudnn"), "config key 'engine.conv_patches': 'cudnn' is not one of ['auto', 'triton', 'inductor', 'implicit']"),
+    (lambda c: c["engine"].update(torch_format="onnx"), "config key 'engine.torch_format': 'onnx' is not one of ['aoti', 'export']"),
     (lambda c: c["engine"].update(fp8_attention="flash"), "config key 'engine.fp8_attention': 'flash' is not one of ['auto', 'sdpa', 'triton', 'triton-fp8-probs']"),
     (lambda c: c["engine"].update(inductor={"max_autotun": True}),
      "config key 'engine.inductor.max_autotun': not a torch._inductor.config setting (torch "),
@@ -128,6 +129,15 @@ def test_int8_gemm_setting_reaches_only_int8_torch_engines(config):
     # and the fp8 attention's to fp8 ones only
     assert engine_settings(validated, "tiny-xl", "fp8")["fp8_attention"] == "auto"
     assert "fp8_attention" not in engine_settings(validated, "tiny-xl", "int8")
+
+
+def test_torch_format_reaches_every_torch_engine_and_no_plan(config):
+    chosen = copy.deepcopy(config)
+    chosen["models"]["xl-turbo"]["engine"] = {"torch_format": "export"}
+    validated = validate_config(chosen, root=ROOT)
+    assert [engine_settings(validated, m, p)["torch_format"] for m, p in
+            [("tiny-xl", "int8"), ("xl-turbo", "int8"), ("xl-turbo", "fp16")]] == ["aoti", "export", "export"]
+    assert "torch_format" not in engine_settings(validated, "xl-turbo", "fp8", "tensorrt")
 
 
 def test_snakemake_stops_before_any_job(tmp_path):

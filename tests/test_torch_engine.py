@@ -553,8 +553,40 @@ def test_self_check_passes_a_good_package_and_deletes_a_wrong_one(int8_pair, int
 def test_garbage_engine_is_corrupt(tmp_path):
     garbage = tmp_path / "garbage.pt2"
     garbage.write_bytes(b"not a package")
-    with pytest.raises(CorruptArtifactError, match="garbage.pt2"):
+    with pytest.raises(CorruptArtifactError, match=r"garbage.pt2 is corrupt or incomplete \(not a .pt2 archive: BadZipFile"):
         te.EngineUNet.load(garbage)
+    import zipfile
+
+    with zipfile.ZipFile(garbage, "w") as archive:  # a zip, but neither kind of engine
+        archive.writestr("engine/data/notes.txt", "hello")
+    with pytest.raises(CorruptArtifactError, match="neither an AOTInductor package nor a torch.export program"):
+        te.load_engine(garbage)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_int8_engine_in_the_export_format(int8_pair, tmp_path):
+    """engine.torch_format: export: the same exported program saved as a torch.export archive and
+    compiled by torch.compile where it is loaded (for machines where AOTInductor packages do not
+    load, docs/PERF.md); the build's self-check runs it like a package, dynamic shapes included."""
+    real = int8_pair[1]
+    path = tmp_path / "engine.pt2"
+    said = []
+    info = te.package_engine(real, unet_inputs(2, 5), path, log=said.append, self_check=True, torch_format="export",
+                             inductor={"max_autotune": False})
+    assert info["format"] == "export" and te.engine_format(path) == "export"
+    assert len(info["self_check"]["by_shape"]) == 2 and info["self_check"]["rel_err_vs_eager"] < 0.08
+    assert said[-1].startswith("engine: saved as a torch.export program (compiled where it is loaded) in ")
+    engine = te.EngineUNet.load(path)
+    assert isinstance(engine.runner, te.ExportedEngine)
+    assert te.engine_metadata(engine.runner)["inductor"] == {"max_autotune": False}
+    assert engine.shape_ranges == info["shape_ranges"] and engine.add_embedding.linear_1.in_features == 80
+    for batch, size in [(2, 16), (3, 24)]:
+        x = unet_inputs(batch, 7, size)
+        (out,) = engine(**x, return_dict=False)
+        assert rel_rms(out, real(**x).sample) < 0.08, (batch, size)
+    with pytest.raises(ConfigError, match="engine.torch_format 'onnx' is not one of aoti, export"):
+        te.package_engine(real, unet_inputs(2, 5), tmp_path / "other.pt2", torch_format="onnx")
 
 
 def test_device_layout_is_channels_last_on_the_gpu_only():
@@ -840,16 +872,20 @@ runpy.run_module("quantdiff.engines.check", run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("crash, only_engine, verdict", [
-    ("run", False, r"did not run on the build's example inputs \(exit status -11\): Fatal Python error: Segmentation"),
-    ("load", True, r"did not load \(exit status -11\): Fatal Python error: Segmentation fault.*\. A one-linear "
-                   r"AOTInductor package built here for comparison loads, so it is this engine's package"),
-    ("load", False, r"did not load \(exit status -11\).*\. So did a one-linear AOTInductor package built here for "
-                    r"comparison \(Fatal Python error: Segmentation fault.*\): torch .* cannot load AOTInductor "
-                    r"packages on this machine, whatever they hold"),
+@pytest.mark.parametrize("crash, only_engine, kind, verdict", [
+    ("run", False, "aoti", r"did not run on the build's example inputs \(exit status -11\): Fatal Python error: "
+                           r"Segmentation"),
+    ("load", True, "aoti", r"did not load \(exit status -11\): Fatal Python error: Segmentation fault.*\. A one-linear "
+                           r"AOTInductor package built here for comparison loads, so it is this engine's package"),
+    ("load", False, "aoti", r"did not load \(exit status -11\).*\. So did a one-linear AOTInductor package built here "
+                            r"for comparison \(Fatal Python error: Segmentation fault.*\): torch .* cannot load "
+                            r"AOTInductor packages on this machine, whatever they hold.*Set engine.torch_format: export"),
+    # a torch.export program has no package loader to blame: no comparison
+    ("load", False, "export", r"did not load \(exit status -11\): Fatal Python error: Segmentation fault / File .*fake_check.py\", "
+                              r"line 5 in <module>$"),
 ])
 def test_a_check_process_that_crashes_says_whether_loading_or_running(tmp_path, monkeypatch, crash, only_engine,
-                                                                        verdict):
+                                                                        kind, verdict):
     """A package that kills the check process while loading is told apart from one that kills it
     running, and compared with a one-linear package built on the spot (on an H100 with torch 2.11
     every CUDA package crashed the loader, docs/PERF.md): the error says whether it is the engine or
@@ -867,9 +903,14 @@ def test_a_check_process_that_crashes_says_whether_loading_or_running(tmp_path, 
     probes = []
     real_probe = check.probe_package_loading
     monkeypatch.setattr(check, "probe_package_loading", lambda *a: probes.append(a) or real_probe(*a))
+    import zipfile
+
+    engine = tmp_path / "engine.pt2"
+    with zipfile.ZipFile(engine, "w") as archive:  # what engine_format reads of either kind
+        archive.writestr("engine/data/aotinductor/model/x.so" if kind == "aoti" else "engine/models/model.json", "")
     with pytest.raises(EngineOutputError, match=r"engine\.pt2: the packaged engine " + verdict):
-        check.packaged_outputs(tmp_path / "engine.pt2", [(torch.zeros(2, 3),)], tmp_path / "engine.pt2")
-    assert probes == ([] if crash == "run" else [(torch.device("cpu"), torch.float32)])
+        check.packaged_outputs(engine, [(torch.zeros(2, 3),)], engine)
+    assert probes == ([(torch.device("cpu"), torch.float32)] if crash == "load" and kind == "aoti" else [])
 
 
 def test_probe_says_whether_packages_load_here():

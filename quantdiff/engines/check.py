@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EngineOutputError
+from ..errors import CorruptArtifactError, EngineOutputError
 
 # Relative error of the package's output against the eager model's. The compiled kernels sum and
 # round in another order than eager ops, which can move an 8-bit value by one step, and random
@@ -72,19 +72,20 @@ def packaged_outputs(engine_path, input_sets, name):
     with tempfile.TemporaryDirectory(prefix="quantdiff-engine-check-") as workdir:
         proc, output_path = _check_process(engine_path, input_sets, workdir)
         if proc.returncode != 0:
-            raise EngineOutputError(f"{name}: {failure_summary(proc, input_sets[0][0])}")
+            raise EngineOutputError(f"{name}: {failure_summary(proc, input_sets[0][0], engine_path)}")
         return torch.load(output_path, map_location=input_sets[0][0].device)
 
 
-def failure_summary(proc, sample):
+def failure_summary(proc, sample, engine_path):
     """Why the check process failed: while loading the package or while running it, with what it
-    said. A process that a signal killed while loading gets the verdict of probe_package_loading
-    (on `sample`'s device and dtype): whether any package loads here."""
+    said. An AOTInductor package that a signal killed while loading gets the verdict of
+    probe_package_loading (on `sample`'s device and dtype): whether any package loads here."""
     said = " / ".join(failure_lines(proc))
     if LOADED in proc.stdout:
         return f"the packaged engine did not run on the build's example inputs (exit status {proc.returncode}): {said}"
     summary = f"the packaged engine did not load (exit status {proc.returncode}): {said}"
-    if proc.returncode >= 0:  # an error the loader raised (a corrupt file) says why itself
+    # an error the loader raised (a corrupt file) says why itself; a torch.export program has no package loader
+    if proc.returncode >= 0 or _format_or_none(engine_path) != "aoti":
         return summary
     probe = probe_package_loading(sample.device, sample.dtype)
     if probe is None:
@@ -92,8 +93,18 @@ def failure_summary(proc, sample):
                 f"engine's package that crashes the loader.")
     return (f"{summary}. So did a one-linear AOTInductor package built here for comparison ({probe}): torch "
             f"{torch.__version__} cannot load AOTInductor packages on this machine, whatever they hold (as on an "
-            f"H100 with torch 2.11.0+cu130, docs/PERF.md), so no torch engine can be built here. Build it where "
-            f"packages load, or time the 8-bit UNet through torch.compile: python -m quantdiff.bench.unet.")
+            f"H100 with torch 2.11.0+cu130, docs/PERF.md). Set engine.torch_format: export (the same program, "
+            f"compiled by torch.compile where it is loaded), or build where packages load.")
+
+
+def _format_or_none(engine_path):
+    """engine_format of the file, or None for one that is neither kind (or gone)."""
+    from .torch import engine_format
+
+    try:
+        return engine_format(engine_path)
+    except CorruptArtifactError:
+        return None
 
 
 def probe_package_loading(device, dtype):

@@ -36,7 +36,8 @@ def run_torch_engine(model_dir, ckpt, settings, out_path, record_path, log=print
     # (the kernel settings are in `settings` only for the precisions they concern)
     kernels = {k: settings[k] for k in ("int8_gemm", "conv_patches", "fp8_attention", "geglu") if k in settings}
     info = build_torch_engine(unet, precision, example, out_path, log=log, ranges=sample_ranges(profile),
-                              inductor=settings.get("inductor"), **kernels)
+                              inductor=settings.get("inductor"), torch_format=settings.get("torch_format", "aoti"),
+                              **kernels)
     record = {"backend": "torch", "precision": precision, "device": describe_device(device),
               "build": info, "profile": {k: list(v) for k, v in profile.items()}, "settings": settings}
     write_json(record_path, record)

@@ -2,10 +2,16 @@
 
 The package carries the UNet config in its metadata, so bench and users load it with
 `EngineUNet.load(path)` and hand it to a diffusers pipeline without the model code.
+
+`engine.torch_format: export` writes the same exported program as a torch.export archive instead
+(also `engine.pt2`), which torch.compile compiles where it is loaded: for machines whose torch
+cannot load AOTInductor packages (on an H100 with torch 2.11 none loaded, docs/PERF.md). The same
+graph and kernels, compiled at load (minutes for SDXL) rather than at build.
 """
 import contextlib
 import json
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +33,8 @@ MIN_SPATIAL_BLOCKS = 2
 INPUT_NAMES_SD = ("sample", "timestep", "encoder_hidden_states")
 INPUT_NAMES_SDXL = INPUT_NAMES_SD + ("text_embeds", "time_ids")
 _METADATA_KEY = "quantdiff"
+# engine.torch_format: an AOTInductor package, or the torch.export program (compiled when loaded)
+TORCH_FORMATS = ("aoti", "export")
 
 
 def is_sdxl(unet):
@@ -191,7 +199,7 @@ def check_inductor_settings(settings, where="engine.inductor"):
 
 
 def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, counts=None, ranges=None,
-                   inductor=None, self_check=False):
+                   inductor=None, self_check=False, torch_format="aoti"):
     """torch.export + AOTInductor-package `unet` to `out_path` (engine.pt2), written atomically.
 
     `example_inputs` is a dict as for the UNet's forward; Inductor tunes for its shape. With
@@ -199,7 +207,8 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
     engine profile's; `default_ranges` when None), static where min == max. If the model does not
     export with dynamic height/width, it falls back to the example's and says so. Without
     `dynamic` every shape is the example's. `inductor`: torch._inductor.config settings for the
-    build (checked by check_inductor_settings). `self_check`: before the package takes its final
+    build (checked by check_inductor_settings; in the `export` format, `torch_format`, they are kept
+    in the archive for the compile where it is loaded). `self_check`: before the package takes its final
     name, run it on the example inputs, and on the smallest its ranges take, against `unet`
     (engines.check; a wrong package is never renamed). Returns an info dict: export/compile seconds,
     package bytes, dynamic dims, shape ranges, counts, the Inductor settings (and the self-check's).
@@ -211,7 +220,9 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
     ranges = usable_ranges(unet, ranges or default_ranges(unet)) if dynamic else example
     _check_example_fits(inputs, ranges)
     inductor = check_inductor_settings(dict(inductor or {}))
-    info = {"counts": counts or {}, "inductor": inductor}
+    if torch_format not in TORCH_FORMATS:
+        raise ConfigError(f"engine.torch_format {torch_format!r} is not one of {', '.join(TORCH_FORMATS)}")
+    info = {"counts": counts or {}, "inductor": inductor, "format": torch_format}
     t0 = time.perf_counter()
     with torch.no_grad(), _keep_dynamic_ranges():
         try:
@@ -232,12 +243,16 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
 
         t0 = time.perf_counter()
         meta = _metadata(unet, inputs, counts)
-        meta.update(dynamic_dims=info["dynamic_dims"], shape_ranges=info["shape_ranges"])
+        meta.update(dynamic_dims=info["dynamic_dims"], shape_ranges=info["shape_ranges"], format=torch_format,
+                    inductor=inductor)
+        meta_json = json.dumps(meta, default=str)
         with atomic_path(out_path) as tmp:
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(tmp),
-                inductor_configs={**inductor,
-                                  "aot_inductor.metadata": {_METADATA_KEY: json.dumps(meta, default=str)}})
+            if torch_format == "export":
+                torch.export.save(program, str(tmp), extra_files={_METADATA_KEY: meta_json})
+            else:
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(tmp),
+                    inductor_configs={**inductor, "aot_inductor.metadata": {_METADATA_KEY: meta_json}})
             info["compile_s"] = round(time.perf_counter() - t0, 2)
             if self_check:
                 from quantdiff.engines.check import check_engine, smallest_inputs
@@ -246,15 +261,62 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
                 input_sets = [inputs] + ([smallest] if smallest[0].shape != inputs[0].shape else [])
                 info["self_check"] = check_engine(tmp, wrapper, input_sets, log, name=out_path)
     info["package_bytes"] = Path(out_path).stat().st_size
-    log(f"engine: compiled in {info['compile_s']} s, {info['package_bytes'] / 1e6:.1f} MB -> {out_path}")
+    done = "compiled" if torch_format == "aoti" else "saved as a torch.export program (compiled where it is loaded)"
+    log(f"engine: {done} in {info['compile_s']} s, {info['package_bytes'] / 1e6:.1f} MB -> {out_path}")
     return info
 
 
+def engine_format(path):
+    """"aoti" or "export" (TORCH_FORMATS): what kind of .pt2 archive the engine at `path` is."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CorruptArtifactError(path, f"not a .pt2 archive: {type(err).__name__}: {err}") from err
+    if any("/data/aotinductor/" in name for name in names):
+        return "aoti"
+    if any(name.endswith("/models/model.json") for name in names):
+        return "export"
+    raise CorruptArtifactError(path, "neither an AOTInductor package nor a torch.export program")
+
+
+class ExportedEngine:
+    """An engine in the `export` format, loaded: its torch.export program compiled by torch.compile
+    (on the first call) with the Inductor settings of its build; called, and asked for its metadata,
+    as an AOTInductor runner is."""
+
+    def __init__(self, program, metadata_json):
+        self.metadata_json = metadata_json
+        inductor = json.loads(metadata_json).get("inductor") if metadata_json else None
+        self.compiled = torch.compile(program.module(), options=inductor or None)
+
+    def __call__(self, *inputs):
+        return self.compiled(*inputs)
+
+    def get_metadata(self):
+        return {_METADATA_KEY: self.metadata_json} if self.metadata_json else {}
+
+
+def _load_exported(path):
+    # the project's custom ops (Triton GEMM, patches, attention) must be registered before the graph loads
+    from quantdiff.engines import triton_attention, triton_gemm, triton_patches  # noqa: F401
+
+    extra = {_METADATA_KEY: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    return ExportedEngine(program, extra[_METADATA_KEY])
+
+
 def load_engine(path):
-    """The compiled UNet of an engine.pt2: called with the positional engine inputs, returns a tensor."""
+    """The compiled UNet of an engine.pt2 (either format): called with the positional engine inputs,
+    returns a tensor."""
     path = Path(path)
     if not path.is_file():
         raise CorruptArtifactError(path, "file missing")
+    if engine_format(path) == "export":
+        try:
+            return _load_exported(path)
+        except Exception as err:  # noqa: BLE001 - archive, JSON and graph errors all mean the same here
+            raise CorruptArtifactError(path, f"not a loadable torch.export program: {type(err).__name__}: {err}") from err
     try:
         # Without the runner pool's thread synchronization: its events are host calls that a CUDA
         # graph capture forbids ("operation not permitted when stream is capturing"), and a UNet is
@@ -351,7 +413,7 @@ def device_layout(unet, device):
 
 def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, log=print, ranges=None,
                        inductor=None, int8_gemm="auto", conv_patches="auto", fp8_attention="auto", geglu="auto",
-                       self_check=True):
+                       self_check=True, torch_format="aoti"):
     """Convert (int8/fp8: ModelOpt fake quant -> real 8-bit modules; fp16: as is) and package, with
     package_engine's self-check against the converted model unless `self_check` is False.
 
@@ -375,7 +437,7 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
         apply_kernels(unet, kernels)
     unet = device_layout(unet, next(unet.parameters()).device)  # after conversion, which makes new modules
     info = package_engine(unet, example_inputs, out_path, dynamic=dynamic, log=log, counts=counts, ranges=ranges,
-                          inductor=inductor, self_check=self_check)
+                          inductor=inductor, self_check=self_check, torch_format=torch_format)
     info["precision"] = precision
     settings = {"int8_gemm": int8_gemm, "conv_patches": conv_patches, "fp8_attention": fp8_attention, "geglu": geglu}
     for name, kernel in kernels.items():
