@@ -643,7 +643,10 @@ def test_engine_loads_without_the_runner_pools_thread_sync(tmp_path, monkeypatch
     CUDA graph capture forbids (on the H200: 'operation not permitted when stream is capturing')."""
     calls = []
     monkeypatch.setattr(te.torch._inductor, "aoti_load_package", lambda path, **kw: calls.append(kw) or "runner")
-    (tmp_path / "engine.pt2").write_bytes(b"stand-in")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "engine.pt2", "w") as archive:  # a stand-in AOTInductor package
+        archive.writestr("engine/data/aotinductor/model/x.so", "")
     assert te.load_engine(tmp_path / "engine.pt2") == "runner"
     assert calls == [{"run_single_threaded": True}]
 
