@@ -58,6 +58,18 @@ def test_emulation_is_the_fake_quant_gemm(m, k, n, with_bias, out_dtype):
     assert rel_max(out.float(), aten.float()) < (5e-6 if out_dtype == torch.float32 else 1e-2)
 
 
+def test_emulation_saturates_an_e4m3_output_as_cublaslt_does():
+    """An e4m3 output past 448 is 448 (cuBLASLt's, measured on an H200: docs/PERF.md), where a
+    plain cast (ATen's CPU emulation) gives NaN; in range, it is the fake-quant GEMM cast once."""
+    g = torch.Generator().manual_seed(3)
+    a, w = (8 * torch.randn(32, 64, generator=g)).to(FP8), (8 * torch.randn(48, 64, generator=g)).to(FP8)
+    exact = F.linear(a.float(), w.float())
+    out = scaled_mm_emulated(a, w.t(), torch.tensor(1.0), torch.tensor(1.0), out_dtype=FP8)
+    assert exact.abs().max() > 4 * 448 and not out.float().isnan().any()
+    assert torch.equal(out.float(), exact.clamp(-448, 448).to(FP8).float())
+    assert out.float().abs().max() == 448
+
+
 def test_emulation_row_wise_scales():
     g = torch.Generator().manual_seed(2)
     a, w = (8 * torch.randn(16, 32, generator=g)).to(FP8), (8 * torch.randn(24, 32, generator=g)).to(FP8)

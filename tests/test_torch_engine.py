@@ -239,6 +239,57 @@ def test_fp8_attention_through_the_triton_kernel(fp8_pair, monkeypatch, kernel, 
     assert [kw["out_grid"] for _, kw in calls] == [p.act.to_grid for p in projections]
 
 
+@torch.no_grad()
+def test_fp8_projections_write_e4m3_q_k_v_for_the_attention_kernel(fp8_pair, monkeypatch):
+    """For the fp8 attention kernel, each fp8 q/k/v projection (bias-free, as diffusers' are) writes
+    its output from the GEMM in e4m3 on the grid of the quantizer it feeds: no q/k/v quantize runs.
+    The values are those of the fp16 output quantized, up to an occasional element one e4m3 step
+    away (the GEMM's float32 sums are rounded once, not through fp16 first)."""
+    from quantdiff.engines import triton_attention
+    from quantdiff.engines.qlinear import StaticQuant
+
+    _, real, counts = fp8_pair
+    attentions = [(n, m) for n, m in real.named_modules() if isinstance(m.__dict__.get("processor"), qm.QuantAttnProcessor)]
+    # each self-attention's to_qkv (one q/k/v grid); each cross-attention's to_q and to_kv (one k/v grid)
+    assert counts["projections_e4m3_out"] == 12
+    assert all(p.e4m3_out_scale.shape == () for _, a in attentions
+               for p in (getattr(a, n, None) for n in ("to_qkv", "to_q", "to_kv")) if p is not None)
+    with pytest.raises(ValueError, match="bias"):
+        attentions[0][1].to_out[0].feeds(torch.tensor(1.0))  # diffusers' output projection has a bias
+    calls, quantized = [], []
+    run, quantize = triton_attention.fp8_attention, StaticQuant.quantize
+    monkeypatch.setattr(triton_attention, "fp8_attention", lambda *a, **kw: calls.append(a[:3]) or run(*a, **kw))
+    monkeypatch.setattr(StaticQuant, "quantize", lambda self, x: quantized.append(self) or quantize(self, x))
+    monkeypatch.setattr(qattention, "resolve_fp8_attention", lambda choice, device: choice)  # as on a GPU
+    qm.set_fp8_attention(real, "triton")
+    outputs = {}
+    try:
+        for e4m3 in (True, False):
+            assert qm.set_e4m3_projections(real, e4m3) == 8
+            calls.clear(), quantized.clear()
+            for i, (name, attn) in enumerate(attentions):
+                x = torch.randn(2, 16, attn.query_dim, generator=torch.Generator().manual_seed(i))
+                context = None if name.endswith("attn1") else torch.randn(2, 7, 64,
+                                                                          generator=torch.Generator().manual_seed(i))
+                outputs[e4m3, name] = attn(x, encoder_hidden_states=context)
+            qkv_quants = {id(q) for _, a in attentions for q in (a.q_quant, a.k_quant, a.v_quant)}
+            assert sum(id(q) in qkv_quants for q in quantized) == (0 if e4m3 else 4 + 4 * 3), e4m3
+            outputs[e4m3] = [t.clone() for qkv in calls for t in qkv]
+    finally:
+        qm.set_fp8_attention(real, "sdpa")
+        qm.set_e4m3_projections(real, True)
+    from_gemm, from_fp16 = outputs[True], outputs[False]
+    assert len(from_gemm) == 24 and all(t.dtype == torch.float8_e4m3fn for t in from_gemm + from_fp16)
+    same = sum((a.view(torch.uint8) == b.view(torch.uint8)).sum().item() for a, b in zip(from_gemm, from_fp16))
+    total = sum(t.numel() for t in from_gemm)
+    assert same / total > 0.99
+    for a, b in zip(from_gemm, from_fp16):  # one e4m3 step at most (3 mantissa bits: 1/8 of the value)
+        a, b = a.float(), b.float()
+        assert ((a - b).abs() <= torch.maximum(a.abs(), b.abs()) / 8 + 2 ** -9).all()
+    for name, _ in attentions:
+        assert rel_rms(outputs[True, name], outputs[False, name]) < 1e-2, name
+
+
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 @torch.no_grad()
 def test_fused_projections_are_one_gemm(precision, int8_pair, fp8_pair, unfused_pairs, monkeypatch):

@@ -220,7 +220,7 @@ def main(argv=None):
     from ..engines import check_packageable
     from ..engines.gemm8 import (resolve_conv_patches, resolve_fp8_attention, resolve_geglu, resolve_int8_gemm,
                                  resolve_kernels)
-    from ..engines.qmodules import QuantConv2d, apply_kernels, convert_to_real_quant
+    from ..engines.qmodules import QuantConv2d, apply_kernels, convert_to_real_quant, set_e4m3_projections
     from ..engines.torch import check_inductor_settings, device_layout
     from ..models import arch_unet, unet_example_inputs
     from ..quant.recipe import skip_modelopt_cuda_extensions
@@ -263,12 +263,19 @@ def main(argv=None):
                         help="the projections of an attention that read one input as one GEMM (fused: q/k/v of a "
                              "self-attention, k/v of a cross-attention, where their scales allow, as the engine "
                              "stage builds them) or one each (separate); several: each its own 8-bit variant")
+    parser.add_argument("--projection-output", default="e4m3", metavar="DTYPE[,DTYPE]",
+                        help="what fp8 level 4's q/k/v projections write for the fp8 attention kernel: e4m3 (from "
+                             "the GEMM, on their quantizers' grids, as the engine stage builds them) or fp16 "
+                             "(quantize kernels after); several: each its own fp8 variant")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
     int8_gemms, conv_patches, conv_modes = args.int8_gemm.split(","), args.conv_patches.split(","), args.conv.split(",")
     attentions, geglus = args.fp8_attention.split(","), args.geglu.split(",")
     if not set(conv_modes) <= set(CONV_MODES):
         parser.error(f"--conv {args.conv!r}: each mode is one of {', '.join(CONV_MODES)}")
+    projection_outputs = args.projection_output.split(",")
+    if not set(projection_outputs) <= {"e4m3", "fp16"}:
+        parser.error(f"--projection-output {args.projection_output!r}: each is e4m3 or fp16")
     projection_modes = args.projections.split(",")
     if not set(projection_modes) <= set(PROJECTION_MODES):
         parser.error(f"--projections {args.projections!r}: each mode is one of {', '.join(PROJECTION_MODES)}")
@@ -320,10 +327,11 @@ def main(argv=None):
             fake_out = fake(**inputs).sample
         packaged = " (AOTInductor package)" if args.backend == "aoti" else ""
         variants = itertools.product(projection_modes, conv_modes, int8_gemms if precision == "int8" else [None],
-                                     conv_patches, attentions if precision == "fp8" else [None], geglus)
+                                     conv_patches, attentions if precision == "fp8" else [None], geglus,
+                                     projection_outputs if precision == "fp8" else ["fp16"])
         several = len(int8_gemms) > 1 or len(conv_patches) > 1 or len(attentions) > 1 or len(geglus) > 1
         real = projections = None
-        for projection_mode, mode, kernel, patches, attention, geglu in variants:
+        for projection_mode, mode, kernel, patches, attention, geglu, projection_output in variants:
             if projection_mode != projections:  # each projection mode is a conversion of its own
                 del real  # the previous one goes before the next copy is made (SDXL: GBs of GPU memory)
                 real, converted = convert_to_real_quant(copy.deepcopy(fake) if len(projection_modes) > 1 else fake,
@@ -336,7 +344,9 @@ def main(argv=None):
             name = f"torch engine {precision} L{level}{packaged}"
             kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches, attention or "auto", geglu)
             apply_kernels(real, kernels)
+            set_e4m3_projections(real, projection_output == "e4m3")
             labels = ([f"{projection_mode} projections"] if len(projection_modes) > 1 else []) + \
+                ([f"q/k/v out {projection_output}"] if precision == "fp8" and len(projection_outputs) > 1 else []) + \
                 ([f"conv {mode}"] if len(conv_modes) > 1 else []) + [f"{k} {v}" for k, v in kernels.items() if several]
             if labels:
                 name += " (" + ", ".join(labels) + ")"
@@ -345,13 +355,14 @@ def main(argv=None):
             except Exception as e:  # a variant that fails is a result too; the others still run
                 log(f"{name}: failed: {type(e).__name__}: {e}")
                 rows.append({"variant": name, "conv": mode, "projections": projection_mode,
-                             "error": f"{type(e).__name__}: {str(e)[:500]}"} | kernels)
+                             "projection_output": projection_output, "error": f"{type(e).__name__}: {str(e)[:500]}"} | kernels)
                 write_json(Path(args.out) / "unet_bench.json", result)
                 torch._dynamo.reset()
                 continue
             bound = error_bound(args.arch, precision, args.batch, args.resolution)
             err = round(relative_error(fake_out, out), 4)
-            rows.append(row | {"conv": mode, "projections": projection_mode, "counts": counts,
+            rows.append(row | {"conv": mode, "projections": projection_mode, "projection_output": projection_output,
+                               "counts": counts,
                                "speedup": round(base["ms"] / row["ms"], 3),
                                "memory_vs_fp16": round(row["footprint_mb"] / base["footprint_mb"], 3),
                                "rel_err_vs_fakequant": err, "error_bound": bound,

@@ -161,8 +161,13 @@ def scaled_mm_emulated(mat_a, mat_b, scale_a, scale_b, bias=None, scale_result=N
     if bias is not None:
         out = out + bias
     out_dtype = out_dtype or mat_a.dtype
-    if scale_result is not None and out_dtype in _FP8_DTYPES:
-        out = out * (1 / scale_result)
+    if out_dtype in _FP8_DTYPES:
+        if scale_result is not None:
+            out = out * (1 / scale_result)
+        # cuBLASLt saturates an 8-bit output at the format's largest value (measured on an H200:
+        # docs/PERF.md); ATen's CPU emulation casts past it to NaN
+        limit = torch.finfo(out_dtype).max
+        out = out.clamp(-limit, limit)
     return out.to(out_dtype)
 
 

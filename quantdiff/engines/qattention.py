@@ -5,8 +5,13 @@ projections that share an input quantizer but were not fused."""
 import torch
 import torch.nn.functional as F
 
-from quantdiff.engines.gemm8 import resolve_fp8_attention
+from quantdiff.engines.gemm8 import FP8, resolve_fp8_attention
 from quantdiff.engines.qlinear import FP8Linear
+
+
+def _feeds(projection):
+    """True for an fp8 linear set up to write its output onto a quantizer's grid (FP8Linear.feeds)."""
+    return getattr(projection, "e4m3_out_scale", None) is not None
 
 
 class QuantAttnProcessor:
@@ -26,7 +31,9 @@ class QuantAttnProcessor:
     otherwise write the same 8-bit tensor three times. Where the conversion fused those projections
     into one linear (attn.to_qkv of a self-attention, attn.to_kv: qmodules._fuse_projections), one
     GEMM computes them side by side and q, k and v are views of its output; at level 4 with one
-    q/k/v grid that output is quantized in one go.
+    q/k/v grid that output is quantized in one go. For the fp8 attention kernel, the projections
+    that feed their quantizer (FP8Linear.feeds, set at conversion) write e4m3 q/k/v from the GEMM
+    itself: no fp16 q/k/v, no quantize kernels (`e4m3_projections`).
     """
 
     def __init__(self, quantize_softmax=False, fp8_attention="sdpa", quantize_qkv=True, shared_inputs=(),
@@ -38,8 +45,11 @@ class QuantAttnProcessor:
         # q_quant, k_quant and v_quant are one grid (StaticQuant.same_grid), decided at conversion:
         # comparing buffers in forward would be a data-dependent branch, which export refuses
         self.one_qkv_grid = one_qkv_grid
+        # with the fp8 kernel, the projections that can (qmodules._feed_quantizers_from_gemms) write
+        # e4m3 q/k/v from their GEMMs; False: fp16 outputs and quantize kernels (set_e4m3_projections)
+        self.e4m3_projections = True
 
-    def runs_fp8_kernel(self, attn, query, attention_mask):
+    def runs_fp8_kernel(self, attn, head_dim, device, attention_mask):
         """True where the Triton fp8 attention takes this call: fp8 q/k/v quantizers without a
         pre-quant scale, no mask, no softmax quantizer, a head_dim it handles, on the GPU (where the
         setting resolves to it)."""
@@ -50,8 +60,8 @@ class QuantAttnProcessor:
         quants = (attn.q_quant, attn.k_quant, attn.v_quant)
         return (not self.quantize_softmax and attention_mask is None
                 and all(q.fmt == "fp8" and q.pre_quant_scale is None for q in quants)
-                and triton_attention.supports(query.shape[-1])
-                and resolve_fp8_attention(self.fp8_attention, query.device) != "sdpa")
+                and triton_attention.supports(head_dim)
+                and resolve_fp8_attention(self.fp8_attention, device) != "sdpa")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -75,9 +85,13 @@ class QuantAttnProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query, key, value, qkv = self._projections(attn, hidden_states, encoder_hidden_states, self_attention)
-
-        head_dim = key.shape[-1] // attn.heads
+        dtype = hidden_states.dtype  # of the output (q, k and v may come in e4m3)
+        query_width = attn.to_qkv.split_sizes[0] if hasattr(attn, "to_qkv") else attn.to_q.out_features
+        head_dim = query_width // attn.heads
+        fp8_kernel = self.runs_fp8_kernel(attn, head_dim, hidden_states.device, attention_mask)
+        # for the fp8 kernel, the projections set up for it write e4m3 q/k/v on their quantizers' grids
+        query, key, value, qkv = self._projections(attn, hidden_states, encoder_hidden_states, self_attention,
+                                                   e4m3=fp8_kernel and self.e4m3_projections)
 
         def split_heads(t):
             return t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -89,7 +103,7 @@ class QuantAttnProcessor:
             key = attn.norm_k(key)
 
         image_shape = (channels, height, width) if image_layout else None
-        if self.runs_fp8_kernel(attn, query, attention_mask):
+        if fp8_kernel:
             from quantdiff.engines.triton_attention import fp8_attention
 
             quants = (attn.q_quant, attn.k_quant, attn.v_quant)
@@ -97,17 +111,18 @@ class QuantAttnProcessor:
             # no fp16 write, and no separate quantize kernel between them
             projection = attn.to_out[0]
             fused = isinstance(projection, FP8Linear) and projection.act.pre_quant_scale is None
-            if qkv is not None and self.one_qkv_grid and attn.norm_q is None and attn.norm_k is None:
+            if qkv is not None and qkv.dtype != FP8 and self.one_qkv_grid and attn.norm_q is None \
+                    and attn.norm_k is None:
                 # one grid for q, k and v (calibration's fused_scales): one quantize of the fused output
                 quantized = [split_heads(t) for t in quants[0].quantize(qkv).split(attn.to_qkv.split_sizes, -1)]
-            else:
-                quantized = [q.quantize(t) for q, t in zip(quants, (query, key, value))]
+            else:  # e4m3 already where the GEMM wrote it so
+                quantized = [t if t.dtype == FP8 else q.quantize(t) for q, t in zip(quants, (query, key, value))]
             hidden_states = fp8_attention(*quantized, *(q.back for q in quants),  # SDPA's default scale, as below
                                           quantize_probs=self.fp8_attention == "triton-fp8-probs",
                                           out_grid=projection.act.to_grid if fused else None)
             if fused:
                 merged = hidden_states.transpose(1, 2).reshape(-1, attn.heads * head_dim)  # a view: heads-last
-                projected = projection.from_quantized(merged, query.dtype).reshape(batch, -1, projection.out_features)
+                projected = projection.from_quantized(merged, dtype).reshape(batch, -1, projection.out_features)
                 return self._finish(attn, projected, image_layout, residual, image_shape)
         else:
             if self.quantize_qkv:
@@ -121,22 +136,26 @@ class QuantAttnProcessor:
             else:
                 hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        return self._finish(attn, attn.to_out[0](hidden_states.to(query.dtype)), image_layout, residual, image_shape)
+        return self._finish(attn, attn.to_out[0](hidden_states.to(dtype)), image_layout, residual, image_shape)
 
-    def _projections(self, attn, hidden_states, context, self_attention):
+    def _projections(self, attn, hidden_states, context, self_attention, e4m3=False):
         """to_q(hidden_states), to_k(context), to_v(context), and the fused output they are views of
         where one GEMM made all three (attn.to_qkv, else None). Fused at conversion (qmodules:
         to_qkv in a self-attention, to_kv), they are one GEMM's output split; otherwise each group
-        of shared_inputs that reads one tensor in this call quantizes it once."""
+        of shared_inputs that reads one tensor in this call quantizes it once. With `e4m3`, the
+        projections that feed their q/k/v quantizer from the GEMM (FP8Linear.feeds) return e4m3."""
+        def project(projection, x):
+            return projection.e4m3_output(x) if e4m3 and _feeds(projection) else projection(x)
+
         if hasattr(attn, "to_qkv"):
             if not self_attention:
                 raise ValueError("this attention's q/k/v projections were fused into one GEMM for self-attention; "
                                  "it cannot take encoder_hidden_states")
-            qkv = attn.to_qkv(hidden_states)
+            qkv = project(attn.to_qkv, hidden_states)
             return (*qkv.split(attn.to_qkv.split_sizes, -1), qkv)
         if hasattr(attn, "to_kv"):
-            key, value = attn.to_kv(context).split(attn.to_kv.split_sizes, -1)
-            return attn.to_q(hidden_states), key, value, None
+            key, value = project(attn.to_kv, context).split(attn.to_kv.split_sizes, -1)
+            return project(attn.to_q, hidden_states), key, value, None
         names, inputs = ("to_q", "to_k", "to_v"), (hidden_states, context, context)
         outputs = [None] * 3
         for group in self.shared_inputs:
@@ -147,8 +166,11 @@ class QuantAttnProcessor:
             xq = getattr(attn, names[members[0]]).quantize_input(x.reshape(-1, x.shape[-1]))
             for i in members:
                 projection = getattr(attn, names[i])
-                outputs[i] = projection.from_quantized(xq, x.dtype).reshape(*x.shape[:-1], projection.out_features)
-        outputs = [out if out is not None else getattr(attn, name)(x) for out, name, x in zip(outputs, names, inputs)]
+                out = (projection.from_quantized(xq, x.dtype, e4m3=True) if e4m3 and _feeds(projection)
+                       else projection.from_quantized(xq, x.dtype))
+                outputs[i] = out.reshape(*x.shape[:-1], projection.out_features)
+        outputs = [out if out is not None else project(getattr(attn, name), x)
+                   for out, name, x in zip(outputs, names, inputs)]
         return (*outputs, None)
 
     @staticmethod

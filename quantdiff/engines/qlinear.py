@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantdiff.engines.gemm8 import fp8_matmul, int8_linear, int8_out_scale
+from quantdiff.engines.gemm8 import FP8, fp8_matmul, int8_linear, int8_out_scale
 from quantdiff.errors import ConfigError
 from quantdiff.quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8, zero_pad_last_dim
 
@@ -224,12 +224,37 @@ class FP8Linear(_Linear8):
     def _concatenate_scales(self, linears):
         self.register_buffer("weight_scale", linears[0].weight_scale.clone())
 
-    def from_quantized(self, xq, dtype):
+    def from_quantized(self, xq, dtype, e4m3=False):
         """The (m, out_features) output in dtype from an input (m, in_features) already on this
-        layer's e4m3 grid (self.act.to_grid): what an fp8 producer hands over (fp8 attention)."""
+        layer's e4m3 grid (self.act.to_grid): what an fp8 producer hands over (fp8 attention).
+
+        With `e4m3` the output comes in e4m3 instead, on the grid of the quantizer it feeds: its
+        `e4m3_out_scale` (the input's dequantize factor times that grid, set at conversion where
+        the layer has no bias: qmodules._feed_quantizers_from_gemms) scales the float32 sums, which
+        cuBLASLt casts once, saturating at 448 as the quantizer clamps. No fp16 output is written,
+        and no quantize kernel runs after the GEMM. The fake-quant model rounds to fp16 first, so an
+        occasional element lands one e4m3 step away (0.2% of them on an H200, SDXL's q/k/v shape:
+        docs/PERF.md). The scale goes in as scale_a, not as _scaled_mm's scale_result, which
+        Inductor's lowering of _scaled_mm does not pass on (torch 2.11 and 2.13)."""
         xq = zero_pad_last_dim(xq, self.weight.shape[1])
-        out = fp8_matmul(xq, self.weight, self.act.back, self.weight_scale, dtype, self.bias, self.fast_accum)
+        if e4m3:
+            out = fp8_matmul(xq, self.weight, self.e4m3_out_scale, self.weight_scale, FP8, None, self.fast_accum)
+        else:
+            out = fp8_matmul(xq, self.weight, self.act.back, self.weight_scale, dtype, self.bias, self.fast_accum)
         return out if out.shape[1] == self.out_features else out[:, : self.out_features]
+
+    def feeds(self, grid):
+        """From now on this layer can write its output in e4m3 on `grid` (a quantizer's to_grid):
+        from_quantized(..., e4m3=True). Not for a layer with a bias (the GEMM would add it unscaled)."""
+        if self.bias is not None:
+            raise ValueError("an fp8 linear with a bias cannot write its output onto a quantizer's grid")
+        self.register_buffer("e4m3_out_scale", (self.act.back * grid).reshape(()))
+
+    def e4m3_output(self, x):
+        """forward(x) on the grid set by `feeds`, in e4m3 (from_quantized with e4m3)."""
+        lead = x.shape[:-1]
+        out = self.from_quantized(self.quantize_input(x.reshape(-1, self.in_features)), None, e4m3=True)
+        return out.reshape(*lead, self.out_features)
 
     def dequantized_weight(self, dtype=torch.float32):
         w = self.weight[: self.out_features, : self.in_features]

@@ -25,7 +25,8 @@ from quantdiff.quant.grids import zero_pad_last_dim
 
 __all__ = ["StaticQuant", "Int8Linear", "FP8Linear", "QuantAttnProcessor", "GEGLUFeedForward", "QuantConv2d",
            "InputQuantized", "quantizer_format", "convert_to_real_quant", "apply_kernels", "set_int8_gemm",
-           "set_conv_patches", "set_fp8_attention", "set_geglu", "remaining_modelopt_modules"]
+           "set_conv_patches", "set_fp8_attention", "set_e4m3_projections", "set_geglu",
+           "remaining_modelopt_modules"]
 
 # A conv as a GEMM first writes its patch matrix (kh*kw times the input); that costs about 1/N of
 # the GEMM's own time for N output channels. On an H200 (SDXL, docs/PERF.md), with Inductor writing
@@ -271,6 +272,9 @@ def _convert_attention(module, where, counts, fuse_projections=True):
         quants = [built[f"{short}_quant"] for short in ("q", "k", "v")]
         plain.set_processor(QuantAttnProcessor(quantize_softmax=quantize_softmax, shared_inputs=shared,
                                                one_qkv_grid=all(quants[0].same_grid(q) for q in quants[1:])))
+        fed = _feed_quantizers_from_gemms(plain, quants)
+        if fed:
+            counts["projections_e4m3_out"] += fed
         counts[f"attention_{built['q_quant'].fmt}"] += 1
         if quantize_softmax:
             counts["softmax_quantized"] += 1
@@ -303,6 +307,26 @@ def _fuse_projections(attn):
         delattr(attn, member)
     attn.add_module(name, fused)
     return name
+
+
+def _feed_quantizers_from_gemms(attn, quants):
+    """The fp8 q/k/v projections of `attn` that can write their output in e4m3 on the q/k/v
+    quantizer it feeds (FP8Linear.feeds), for the fp8 attention kernel to read: those without a
+    bias, feeding fp8 quantizers without smoothing and with no norm between (norm_q, norm_k), a
+    fused group only where its members feed one grid. Returns how many."""
+    if attn.norm_q is not None or attn.norm_k is not None \
+            or any(q.fmt != "fp8" or q.pre_quant_scale is not None for q in quants):
+        return 0
+    q_quant, k_quant, v_quant = quants
+    fed = 0
+    for name, grids in (("to_qkv", quants), ("to_kv", (k_quant, v_quant)), ("to_q", (q_quant,)),
+                        ("to_k", (k_quant,)), ("to_v", (v_quant,))):
+        projection = getattr(attn, name, None)
+        if isinstance(projection, FP8Linear) and projection.bias is None \
+                and all(grids[0].same_grid(g) for g in grids[1:]):
+            projection.feeds(grids[0].to_grid)
+            fed += 1
+    return fed
 
 
 def _shared_input_quantizers(attn):
@@ -389,6 +413,15 @@ def set_fp8_attention(model, kernel):
     processors = [m.processor for m in model.modules() if isinstance(m.__dict__.get("processor"), QuantAttnProcessor)
                   and m.processor.quantize_qkv]
     return _set_each(processors, "fp8_attention", kernel)
+
+
+def set_e4m3_projections(model, on):
+    """Whether the fp8 q/k/v projections set up for it (FP8Linear.feeds) write e4m3 from their GEMMs
+    for the fp8 attention kernel (True, the conversion's) or fp16 that quantize kernels then read;
+    returns how many quantized attentions were set."""
+    processors = [m.processor for m in model.modules() if isinstance(m.__dict__.get("processor"), QuantAttnProcessor)
+                  and m.processor.quantize_qkv]
+    return _set_each(processors, "e4m3_projections", on)
 
 
 def set_geglu(model, kernel):
