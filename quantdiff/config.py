@@ -67,11 +67,12 @@ def _check_semantics(config, root):
             if not rng["min"] <= rng["opt"] <= rng["max"]:
                 raise ConfigError(f"config key 'engine.{key}': needs min <= opt <= max, got {rng}")
         if engine["backend"] != "tensorrt":  # kernels the torch engine's package does not take
-            from .engines import UNPACKAGED_KERNELS, check_packageable
+            from .engines import PYTHON_OP_KERNELS, UNPACKAGED_KERNELS, check_packageable
 
-            for key in UNPACKAGED_KERNELS:
+            for key in {**UNPACKAGED_KERNELS, **PYTHON_OP_KERNELS}:
                 own = key in config["models"][name].get("engine", {})
-                check_packageable({key: engine[key]}, f"models.{name}.engine" if own else "engine")
+                check_packageable({key: engine[key]}, f"models.{name}.engine" if own else "engine",
+                                  engine["torch_format"])
         if engine["inductor"]:  # imports torch, so only when there is something to check
             from .engines.torch import check_inductor_settings
 

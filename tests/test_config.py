@@ -54,7 +54,7 @@ def test_alpha_auto_is_valid(config):
     (lambda c: c["calibration"].update(alpha="magic"), "config key 'calibration.alpha': 'magic' is not valid"),
     (lambda c: c["calibration"].update(alpha=1.5), "config key 'calibration.alpha'"),
     (lambda c: c["export"].update(ort_check="sometimes"), "config key 'export.ort_check': 'sometimes' is not one of"),
-    (lambda c: c["engine"].update(int8_gemm="cutlass"), "config key 'engine.int8_gemm': 'cutlass' is not one of ['auto', 'triton', 'triton-tma', 'int_mm']"),
+    (lambda c: c["engine"].update(int8_gemm="cutlass"), "config key 'engine.int8_gemm': 'cutlass' is not one of ['auto', 'triton', 'triton-tma', 'int_mm', 'cudnn']"),
     (lambda c: c["engine"].update(conv_patches="cudnn"), "config key 'engine.conv_patches': 'cudnn' is not one of ['auto', 'triton', 'inductor', 'implicit']"),
     (lambda c: c["engine"].update(torch_format="onnx"), "config key 'engine.torch_format': 'onnx' is not one of ['aoti', 'export']"),
     (lambda c: c["engine"].update(fp8_attention="flash"), "config key 'engine.fp8_attention': 'flash' is not one of ['auto', 'sdpa', 'triton', 'triton-fp8-probs']"),
@@ -75,6 +75,10 @@ def test_alpha_auto_is_valid(config):
      "docs/PERF.md). Use triton or auto;"),
     (lambda c: c["models"]["tiny-xl"].setdefault("engine", {}).update(geglu="triton"),
      "models.tiny-xl.engine.geglu is triton, which the torch engine (an AOTInductor package) does not take"),
+    # cuDNN's int8 kernels are Python ops: the export format only
+    (lambda c: c["engine"].update(int8_gemm="cudnn"),
+     "engine.int8_gemm is cudnn, whose kernels are called from Python, which an AOTInductor package "
+     "(engine.torch_format: aoti) cannot hold. Set engine.torch_format: export"),
 ])
 def test_bad_config_names_the_key(config, edit, message):
     bad = copy.deepcopy(config)
@@ -112,6 +116,12 @@ def test_kernels_refused_in_a_package_pass_where_the_engine_is_tensorrt(config):
     plan = copy.deepcopy(config)
     plan["engine"].update(backend="tensorrt", int8_gemm="triton-tma", geglu="triton")
     assert validate_config(plan, root=ROOT)["engine"]["geglu"] == "triton"
+
+
+def test_cudnn_int8_passes_in_the_export_format(config):
+    chosen = copy.deepcopy(config)
+    chosen["engine"].update(int8_gemm="cudnn", torch_format="export")
+    assert engine_settings(validate_config(chosen, root=ROOT), "tiny-xl", "int8")["int8_gemm"] == "cudnn"
 
 
 def test_int8_gemm_setting_reaches_only_int8_torch_engines(config):

@@ -27,7 +27,8 @@ from .timing import cuda_bytes_beside_allocator, module_bytes, time_calls, time_
 
 # aten ops whose device time is a GEMM, a convolution or attention (no op here nests in another)
 OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "aten::_scaled_mm": "gemm",
-            "aten::_int_mm": "gemm", "aten::convolution": "conv"}
+            "aten::_int_mm": "gemm", "aten::convolution": "conv",
+            "quantdiff::cudnn_int8_matmul": "gemm", "quantdiff::cudnn_int8_conv": "conv"}
 # --conv: QuantConv2d.use_gemm (None: where it pays, QuantConv2d.runs_as_gemm)
 CONV_MODES = {"auto": None, "gemm": True, "float": False}
 # --projections: convert_to_real_quant's fuse_projections (q/k/v, k/v as one GEMM where they can)
@@ -249,7 +250,8 @@ def main(argv=None):
                                                   "like with like")
     parser.add_argument("--int8-gemm", default="auto", metavar="KERNEL[,KERNEL]",
                         help="int8 GEMM kernels to time, each as its own int8 variant: auto, triton, triton-tma, "
-                             "int_mm (torch._int_mm, cuBLASLt), as engine.int8_gemm")
+                             "int_mm (torch._int_mm, cuBLASLt), cudnn (cuDNN's int8 matmul and conv), as "
+                             "engine.int8_gemm")
     parser.add_argument("--conv-patches", default="auto", metavar="KERNEL[,KERNEL]",
                         help="who writes the conv GEMMs' patch matrices, each as its own 8-bit variant: "
                              "auto, triton, inductor, as engine.conv_patches")

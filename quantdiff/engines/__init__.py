@@ -24,9 +24,16 @@ ENGINE_FILENAMES = {"tensorrt": "engine.plan", "torch": "engine.pt2"}
 UNPACKAGED_KERNELS = {"int8_gemm": ("triton-tma", "triton"), "geglu": ("triton", "inductor")}
 
 
-def check_packageable(kernels, where="engine"):
-    """Raise ConfigError for a kernel setting in `kernels` ({"int8_gemm": ..., "geglu": ...}) that an
-    AOTInductor package does not take (UNPACKAGED_KERNELS); `where` names the config section."""
+# Kernel settings whose ops are Python code (cuDNN's graphs through its frontend): an AOTInductor package,
+# which runs without Python, cannot hold them; the `export` format (torch.export, compiled where it is
+# loaded) can.
+PYTHON_OP_KERNELS = {"int8_gemm": ("cudnn", "triton")}
+
+
+def check_packageable(kernels, where="engine", torch_format="aoti"):
+    """Raise ConfigError for a kernel setting in `kernels` ({"int8_gemm": ..., "geglu": ...}) that the
+    torch engine of `torch_format` does not take (UNPACKAGED_KERNELS; PYTHON_OP_KERNELS in an AOTInductor
+    package); `where` names the config section."""
     for key, (refused, instead) in UNPACKAGED_KERNELS.items():
         if kernels.get(key) == refused:
             raise ConfigError(
@@ -34,6 +41,12 @@ def check_packageable(kernels, where="engine"):
                 f"kernel makes TMA descriptors on the GPU, and a package with it gave NaN images on an H200 (torch "
                 f"2.11; docs/PERF.md). Use {instead} or auto; `python -m quantdiff.bench.unet` still times "
                 f"{refused} through torch.compile.")
+    for key, (refused, instead) in PYTHON_OP_KERNELS.items():
+        if torch_format == "aoti" and kernels.get(key) == refused:
+            raise ConfigError(
+                f"{where}.{key} is {refused}, whose kernels are called from Python, which an AOTInductor package "
+                f"(engine.torch_format: aoti) cannot hold. Set engine.torch_format: export "
+                f"(config/overlays/export-format.yaml), or {where}.{key}: {instead} or auto.")
 
 
 def tensorrt_available() -> bool:

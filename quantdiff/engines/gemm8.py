@@ -11,11 +11,11 @@ that are known at trace time skip the cuBLASLt padding, so a statically compiled
 import torch
 import torch.nn.functional as F
 
-from quantdiff.engines import triton_gemm
+from quantdiff.engines import cudnn_int8, triton_gemm
 from quantdiff.errors import ConfigError, MissingBackendError
 
 FP8 = torch.float8_e4m3fn
-INT8_GEMM_CHOICES = ("auto", "triton", "triton-tma", "int_mm")
+INT8_GEMM_CHOICES = ("auto", "triton", "triton-tma", "int_mm", "cudnn")
 CONV_PATCHES_CHOICES = ("auto", "triton", "inductor", "implicit")
 FP8_ATTENTION_CHOICES = ("auto", "sdpa", "triton", "triton-fp8-probs")
 GEGLU_CHOICES = ("auto", "triton", "inductor")
@@ -55,7 +55,10 @@ def resolve_int8_gemm(choice, device):
     "triton-tma": the same kernel with its operands brought in by TMA (Hopper and newer) where the
     GEMM fits (triton_gemm.tma_fits); with its descriptors made on the device it was no faster in
     the SDXL UNet, and the engine stage does not package it (engines.check_packageable;
-    docs/PERF.md). Asking for a Triton kernel where it cannot run is an error."""
+    docs/PERF.md). "cudnn": cuDNN's int8 matmul and convolution with the dequantize fused
+    (engines/cudnn_int8.py: the convs then read the image, no patch matrix); it needs the
+    nvidia-cudnn-frontend package and the engine's `export` format. Asking for a kernel where it
+    cannot run is an error."""
     _check_choice("int8 GEMM", choice, INT8_GEMM_CHOICES)
     device = torch.device(device)
     if device.type != "cuda":
@@ -66,6 +69,8 @@ def resolve_int8_gemm(choice, device):
         _require_triton("int8_gemm", choice, device, "int_mm")
     if choice == "triton-tma":
         _require_hopper("int8_gemm", choice, device)
+    if choice == "cudnn":
+        cudnn_int8.require("int8_gemm", choice, "triton")
     return choice
 
 
@@ -242,6 +247,8 @@ def int8_linear(a, w, out_scale, bias, dtype, kernel="auto"):
     """
     n = out_scale.shape[0]
     kernel = resolve_int8_gemm(kernel, a.device)
+    if kernel == "cudnn":
+        return cudnn_int8.int8_matmul(a, w if w.shape[0] == n else w[:n], out_scale, bias, dtype)
     if kernel.startswith("triton"):
         return triton_gemm.gemm8(a, w, out_scale, bias, n=n, out_dtype=dtype, tma=kernel == "triton-tma")
     acc = int8_matmul(a, w)
@@ -301,6 +308,10 @@ def conv2d_as_gemm(conv, x):
     if conv.act.pre_quant_scale is not None:
         x = x * conv.act.pre_quant_scale
     xq = conv.act.quantize(x)
+    if conv.fmt == "int8" and resolve_int8_gemm(conv.int8_gemm, x.device) == "cudnn":
+        # cuDNN's int8 conv reads the NHWC image itself: no patch matrix
+        return cudnn_int8.int8_conv2d(xq, conv.weight, conv.out_scale, conv.bias, conv.stride, conv.padding,
+                                      conv.dilation, x.dtype)
     geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     b, (ho, wo) = x.shape[0], conv_geometry(x, *geometry)[-1]
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # a view when channels_last

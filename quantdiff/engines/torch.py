@@ -426,7 +426,7 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
 
     if precision not in ("fp16", "int8", "fp8"):
         raise ConfigError(f"precision {precision!r} is not one of fp16, int8, fp8")
-    check_packageable({"int8_gemm": int8_gemm, "geglu": geglu})
+    check_packageable({"int8_gemm": int8_gemm, "geglu": geglu}, torch_format=torch_format)
     counts, kernels = {}, {}
     if precision != "fp16":
         # resolved before conversion: a kernel that cannot run stops the build before its work
