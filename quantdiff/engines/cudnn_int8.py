@@ -149,7 +149,7 @@ def _check_int8(*tensors):
         raise ValueError("the cuDNN int8 kernels take int8 operands")
 
 
-@torch.library.custom_op("quantdiff::cudnn_int8_matmul", mutates_args=())
+@torch.library.custom_op("quantdiff::cudnn_int8_matmul", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def _matmul_op(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype) -> torch.Tensor:
     (m, k), n = a.shape, w.shape[0]
@@ -169,7 +169,10 @@ def _(a, w, scale, bias, out_dtype):
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("quantdiff::cudnn_int8_conv", mutates_args=())
+# Inductor hands a custom op its inputs in the strides tracing saw (channels_last images) only when told
+# to: without the tag it gave the op NCHW images, and the op's copy to NHWC cost 2.2 ms of the SDXL step
+# (H100, docs/PERF.md)
+@torch.library.custom_op("quantdiff::cudnn_int8_conv", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def _conv_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
              stride: list[int], padding: list[int], dilation: list[int], out_dtype: torch.dtype) -> torch.Tensor:
     if not x.is_cuda:  # exact int32 sums (float64 holds them), then the float32 epilogue
