@@ -565,8 +565,9 @@ def test_truncated_engine_is_corrupt(int8_engine, tmp_path):
 @torch.no_grad()
 def test_self_check_passes_a_good_package_and_deletes_a_wrong_one(int8_pair, int8_engine, tmp_path):
     """engines.check: the package, run in a fresh process on the example inputs and on the smallest
-    ones its ranges take, against the module it was exported from (measured 3.3e-2 here: int8 1-LSB
-    flips compounding, as in the round trip). A package whose output differs past the bound, or that
+    ones its ranges take, against the module it was exported from (3.3e-2 on one CI machine, int8 1-LSB
+    flips compounding as in the round trip; exactly 0 on another, whose compiled kernels round as eager
+    does). A package whose output differs past the bound, or that
     does not run, is deleted and named (the H200's NaN package would have stopped here)."""
     from quantdiff.engines.check import CHECK_BOUND, check_engine, smallest_inputs
     from quantdiff.errors import EngineOutputError
@@ -583,7 +584,7 @@ def test_self_check_passes_a_good_package_and_deletes_a_wrong_one(int8_pair, int
     said = []
     result = check_engine(copy_, eager, [inputs, smallest], log=said.append)
     assert [c["shape"] for c in result["by_shape"]] == [[2, 4, 16, 16], [1, 4, factor, factor]]
-    assert 0 < result["rel_err_vs_eager"] == max(c["rel_err_vs_eager"] for c in result["by_shape"]) < 0.08
+    assert 0 <= result["rel_err_vs_eager"] == max(c["rel_err_vs_eager"] for c in result["by_shape"]) < 0.08
     assert result["bound"] == CHECK_BOUND == 0.25 and copy_.is_file()
     assert said[0].startswith("engine: self-check on sample [2, 4, 16, 16]: relative error") and len(said) == 2
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CorruptArtifactError, EngineOutputError
+from ..errors import EngineOutputError
 
 # Relative error of the package's output against the eager model's. The compiled kernels sum and
 # round in another order than eager ops, which can move an 8-bit value by one step, and random
@@ -80,31 +80,23 @@ def failure_summary(proc, sample, engine_path):
     """Why the check process failed: while loading the package or while running it, with what it
     said. An AOTInductor package that a signal killed while loading gets the verdict of
     probe_package_loading (on `sample`'s device and dtype): whether any package loads here."""
+    from .torch import engine_format  # (torch imports this module)
+
     said = " / ".join(failure_lines(proc))
     if LOADED in proc.stdout:
         return f"the packaged engine did not run on the build's example inputs (exit status {proc.returncode}): {said}"
     summary = f"the packaged engine did not load (exit status {proc.returncode}): {said}"
     # an error the loader raised (a corrupt file) says why itself; a torch.export program has no package loader
-    if proc.returncode >= 0 or _format_or_none(engine_path) != "aoti":
+    if proc.returncode >= 0 or engine_format(engine_path, default=None) != "aoti":
         return summary
     probe = probe_package_loading(sample.device, sample.dtype)
     if probe is None:
         return (f"{summary}. A one-linear AOTInductor package built here for comparison loads, so it is this "
                 f"engine's package that crashes the loader.")
     return (f"{summary}. So did a one-linear AOTInductor package built here for comparison ({probe}): torch "
-            f"{torch.__version__} cannot load AOTInductor packages on this machine, whatever they hold (as on an "
-            f"H100 with torch 2.11.0+cu130, docs/PERF.md). Set engine.torch_format: export (the same program, "
+            f"{torch.__version__} cannot load AOTInductor packages on this machine, whatever they hold (as on the "
+            f"H100 and H200 machines with torch 2.11.0+cu130, docs/PERF.md). Set engine.torch_format: export (the same program, "
             f"compiled by torch.compile where it is loaded), or build where packages load.")
-
-
-def _format_or_none(engine_path):
-    """engine_format of the file, or None for one that is neither kind (or gone)."""
-    from .torch import engine_format
-
-    try:
-        return engine_format(engine_path)
-    except CorruptArtifactError:
-        return None
 
 
 def probe_package_loading(device, dtype):

@@ -14,6 +14,11 @@ def _feeds(projection):
     return getattr(projection, "e4m3_out_scale", None) is not None
 
 
+def _query_width(attn):
+    """The width of q: the first split of a fused to_qkv (q, k and v share it in diffusers' Attention)."""
+    return attn.to_qkv.split_sizes[0] if hasattr(attn, "to_qkv") else attn.to_q.out_features
+
+
 class QuantAttnProcessor:
     """diffusers attention processor with static q/k/v (and softmax) quantize-dequantize.
 
@@ -86,8 +91,7 @@ class QuantAttnProcessor:
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         dtype = hidden_states.dtype  # of the output (q, k and v may come in e4m3)
-        query_width = attn.to_qkv.split_sizes[0] if hasattr(attn, "to_qkv") else attn.to_q.out_features
-        head_dim = query_width // attn.heads
+        head_dim = _query_width(attn) // attn.heads
         fp8_kernel = self.runs_fp8_kernel(attn, head_dim, hidden_states.device, attention_mask)
         # for the fp8 kernel, the projections set up for it write e4m3 q/k/v on their quantizers' grids
         query, key, value, qkv = self._projections(attn, hidden_states, encoder_hidden_states, self_attention,
@@ -111,9 +115,11 @@ class QuantAttnProcessor:
             # no fp16 write, and no separate quantize kernel between them
             projection = attn.to_out[0]
             fused = isinstance(projection, FP8Linear) and projection.act.pre_quant_scale is None
-            if qkv is not None and qkv.dtype != FP8 and self.one_qkv_grid and attn.norm_q is None \
+            # a fused fp16 q/k/v output on one grid (calibration's fused_scales) takes one quantize; an e4m3
+            # one (the GEMM wrote it on its quantizers' grids, FP8Linear.feeds) needs none
+            wrote_e4m3 = qkv is not None and qkv.dtype == FP8
+            if qkv is not None and not wrote_e4m3 and self.one_qkv_grid and attn.norm_q is None \
                     and attn.norm_k is None:
-                # one grid for q, k and v (calibration's fused_scales): one quantize of the fused output
                 quantized = [split_heads(t) for t in quants[0].quantize(qkv).split(attn.to_qkv.split_sizes, -1)]
             else:  # e4m3 already where the GEMM wrote it so
                 quantized = [t if t.dtype == FP8 else q.quantize(t) for q, t in zip(quants, (query, key, value))]

@@ -410,21 +410,23 @@ def set_conv_patches(model, kernel):
     return _set_each([m for m in model.modules() if isinstance(m, QuantConv2d)], "conv_patches", kernel)
 
 
+def _quantized_attention_processors(model):
+    """The processors of a converted model's attentions that quantize q, k and v."""
+    return [m.processor for m in model.modules() if isinstance(m.__dict__.get("processor"), QuantAttnProcessor)
+            and m.processor.quantize_qkv]
+
+
 def set_fp8_attention(model, kernel):
     """Every quantized attention of a converted model runs its fp8 attention on `kernel`
     (gemm8.FP8_ATTENTION_CHOICES; int8 ones ignore it); returns how many were set."""
-    processors = [m.processor for m in model.modules() if isinstance(m.__dict__.get("processor"), QuantAttnProcessor)
-                  and m.processor.quantize_qkv]
-    return _set_each(processors, "fp8_attention", kernel)
+    return _set_each(_quantized_attention_processors(model), "fp8_attention", kernel)
 
 
 def set_e4m3_projections(model, on):
     """Whether the fp8 q/k/v projections set up for it (FP8Linear.feeds) write e4m3 from their GEMMs
     for the fp8 attention kernel (True, the conversion's) or fp16 that quantize kernels then read;
     returns how many quantized attentions were set."""
-    processors = [m.processor for m in model.modules() if isinstance(m.__dict__.get("processor"), QuantAttnProcessor)
-                  and m.processor.quantize_qkv]
-    return _set_each(processors, "e4m3_projections", on)
+    return _set_each(_quantized_attention_processors(model), "e4m3_projections", on)
 
 
 def set_geglu(model, kernel):

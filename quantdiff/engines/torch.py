@@ -200,7 +200,9 @@ def check_inductor_settings(settings, where="engine.inductor"):
 
 def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, counts=None, ranges=None,
                    inductor=None, self_check=False, torch_format="aoti"):
-    """torch.export + AOTInductor-package `unet` to `out_path` (engine.pt2), written atomically.
+    """torch.export `unet` and write it to `out_path` (engine.pt2) atomically: as an AOTInductor package
+    (`torch_format` "aoti", compiled here) or as the torch.export archive itself ("export", compiled by
+    torch.compile where it is loaded).
 
     `example_inputs` is a dict as for the UNet's forward; Inductor tunes for its shape. With
     `dynamic`, the engine takes the batch and latent height/width `ranges` ({name: (min, max)}, the
@@ -266,17 +268,25 @@ def package_engine(unet, example_inputs, out_path, dynamic=True, log=print, coun
     return info
 
 
-def engine_format(path):
-    """"aoti" or "export" (TORCH_FORMATS): what kind of .pt2 archive the engine at `path` is."""
+_NO_DEFAULT = object()
+
+
+def engine_format(path, default=_NO_DEFAULT):
+    """"aoti" or "export" (TORCH_FORMATS): what kind of .pt2 archive the engine at `path` is. A file
+    of neither kind (or none) raises CorruptArtifactError, or returns `default` where one is given."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as err:
+        if default is not _NO_DEFAULT:
+            return default
         raise CorruptArtifactError(path, f"not a .pt2 archive: {type(err).__name__}: {err}") from err
     if any("/data/aotinductor/" in name for name in names):
         return "aoti"
     if any(name.endswith("/models/model.json") for name in names):
         return "export"
+    if default is not _NO_DEFAULT:
+        return default
     raise CorruptArtifactError(path, "neither an AOTInductor package nor a torch.export program")
 
 
