@@ -118,6 +118,34 @@ def test_each_real_module_matches_modelopt(precision, int8_pair, fp8_pair):
     assert checked[linear] > 0 and checked["QuantConv2d"] > 0
 
 
+@torch.no_grad()
+def test_int8_model_through_the_cudnn_ops_is_the_int_mm_one(int8_pair, monkeypatch):
+    """engine.int8_gemm: cudnn routes every int8 linear and conv (convs straight from the image, no patches)
+    to engines/cudnn_int8's ops; run here on their CPU implementations, the UNet's output is bit-equal to the
+    int_mm + patches path's (exact int32 sums, the same float32 epilogue)."""
+    from quantdiff.engines import cudnn_int8, gemm8
+
+    real = copy.deepcopy(int8_pair[1])
+    convs = [m for m in real.modules() if isinstance(m, qm.QuantConv2d) and m.gemm_ok]
+    for conv in convs:
+        conv.use_gemm = True
+    inputs = unet_inputs(2, 7)
+    expected = real(**inputs).sample
+    calls = {"matmul": 0, "conv": 0}
+
+    def counted(kind, fn):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+        return call
+    monkeypatch.setattr(gemm8, "resolve_int8_gemm", lambda choice, device: "cudnn")
+    monkeypatch.setattr(cudnn_int8, "int8_matmul", counted("matmul", cudnn_int8.int8_matmul))
+    monkeypatch.setattr(cudnn_int8, "int8_conv2d", counted("conv", cudnn_int8.int8_conv2d))
+    assert torch.equal(real(**inputs).sample, expected)
+    linears = sum(isinstance(m, qm.Int8Linear) for m in real.modules())
+    assert calls == {"matmul": linears, "conv": len(convs)} and linears > 0 and len(convs) > 0
+
+
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 @torch.no_grad()
 def test_conv_as_8bit_gemm_matches_fake_quant(precision, int8_pair, fp8_pair):
