@@ -73,8 +73,7 @@ def test_refusals(monkeypatch):
         cudnn_int8.int8_matmul(_int8(4, 8).float(), _int8(4, 8), torch.ones(4))
     assert gemm8.resolve_int8_gemm("cudnn", "cpu") == "int_mm"  # the CPU always
     assert not cudnn_int8.available("cpu")
-    monkeypatch.setattr(cudnn_int8._state, "cudnn", None, raising=False)
-    monkeypatch.setattr(cudnn_int8, "_IMPORT_ERROR", ImportError("No module named 'cudnn'"))
+    monkeypatch.setattr(cudnn_int8, "_import_frontend", lambda: (None, ImportError("No module named 'cudnn'")))
     with pytest.raises(MissingBackendError, match=r"engine.int8_gemm is cudnn, which runs cuDNN's int8 kernels through "
                                                   r"the nvidia-cudnn-frontend package, and that does not import here "
                                                   r"\(ImportError: No module named 'cudnn'\); install it .* or set "

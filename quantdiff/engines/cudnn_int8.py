@@ -15,6 +15,7 @@ in plain PyTorch (exact int32 sums, then the float32 epilogue of gemm8.int8_dequ
 what the tests check; the graphs' tensor layouts are described by `matmul_layout` and
 `conv_layout`, testable without a GPU.
 """
+import functools
 import threading
 
 import torch
@@ -22,20 +23,22 @@ import torch.nn.functional as F
 
 from quantdiff.errors import MissingBackendError
 
+# cuDNN handles and built graphs, per thread (a handle is not to be shared between threads)
 _state = threading.local()
-_IMPORT_ERROR = None
+
+
+@functools.cache
+def _import_frontend():
+    """(the cudnn frontend module, None) or (None, why it does not import)."""
+    try:
+        import cudnn  # nvidia-cudnn-frontend
+        return cudnn, None
+    except Exception as e:  # noqa: BLE001 (ImportError, or OSError where libcudnn is not found)
+        return None, e
 
 
 def _frontend():
-    """The cudnn frontend module, or None (its import error is kept for the message)."""
-    global _IMPORT_ERROR
-    if not hasattr(_state, "cudnn"):
-        try:
-            import cudnn  # nvidia-cudnn-frontend
-            _state.cudnn = cudnn
-        except Exception as e:  # noqa: BLE001 (ImportError, or OSError where libcudnn is not found)
-            _state.cudnn, _IMPORT_ERROR = None, e
-    return _state.cudnn
+    return _import_frontend()[0]
 
 
 def available(device):
@@ -45,10 +48,11 @@ def available(device):
 
 def require(setting, choice, instead):
     """Raise MissingBackendError for `engine.<setting>: <choice>` where the cuDNN frontend is missing."""
-    if _frontend() is None:
+    module, error = _import_frontend()
+    if module is None:
         raise MissingBackendError(
             f"engine.{setting} is {choice}, which runs cuDNN's int8 kernels through the nvidia-cudnn-frontend "
-            f"package, and that does not import here ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}); install "
+            f"package, and that does not import here ({type(error).__name__}: {error}); install "
             f"it (`pip install .[gpu]`) or set engine.{setting}: {instead}")
 
 
