@@ -1,7 +1,8 @@
 """8-bit GEMMs, and convolutions as 8-bit GEMMs, written in plain PyTorch ops.
 
 The GEMMs are cuBLASLt's (torch._scaled_mm for fp8 e4m3, torch._int_mm for int8), except int8 on
-the GPU, which runs the project's Triton kernel (engines/triton_gemm.py), as do both formats' GEGLU
+the GPU, which runs the project's Triton kernel (engines/triton_gemm.py) or, with engine.int8_gemm:
+cudnn, cuDNN's int8 matmul and conv (engines/cudnn_int8.py), as do both formats' GEGLU
 feed-forward inputs with `engine.geglu: triton` (qmodules.GEGLUFeedForward). Everything around
 them is written so that torch.compile / AOTInductor can fuse it: the activation's quantization
 (scale, clamp, cast) folds into the kernel that produces the activation (norm, GELU, residual add),
@@ -242,7 +243,8 @@ def int8_linear(a, w, out_scale, bias, dtype, kernel="auto"):
     """(m, k) int8 @ (n', k)^T int8, dequantized to (m, n) in dtype, n = len(out_scale) <= n'.
 
     `kernel` (resolve_int8_gemm) "triton" / "triton-tma": the Triton GEMM, which scales, biases and casts the
-    int32 sums in its epilogue; else torch._int_mm, then int8_dequantize. Same value: the int32
+    int32 sums in its epilogue; "cudnn": cuDNN's matmul, which does the same in its graph; else
+    torch._int_mm, then int8_dequantize. Same value: the int32
     sums are exact either way and the epilogue is the same float32 arithmetic.
     """
     n = out_scale.shape[0]

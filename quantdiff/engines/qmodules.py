@@ -153,7 +153,7 @@ class QuantConv2d(nn.Module):
             if not (on_gpu and self.gemm_ok):
                 return False
             if self.fmt == "int8" and resolve_int8_gemm(self.int8_gemm, "cuda") == "cudnn":
-                return True  # cuDNN's int8 conv: faster than cuDNN's fp16 one on every SDXL shape but two
+                return True  # cuDNN's int8 conv beat its fp16 one on 8 of 9 SDXL shapes (docs/PERF.md)
             triton_patches = resolve_conv_patches(self.conv_patches, "cuda") == "triton"
             return self.out_channels >= (GEMM_MIN_OUT_CHANNELS_TRITON_PATCHES[self.fmt] if triton_patches
                                          else GEMM_MIN_OUT_CHANNELS)
