@@ -1,9 +1,9 @@
 """8-bit GEMMs, and convolutions as 8-bit GEMMs, written in plain PyTorch ops.
 
 The GEMMs are cuBLASLt's (torch._scaled_mm for fp8 e4m3, torch._int_mm for int8), except int8 on
-the GPU, which runs the project's Triton kernel (engines/triton_gemm.py) or, with engine.int8_gemm:
-cudnn, cuDNN's int8 matmul and conv (engines/cudnn_int8.py), as do both formats' GEGLU
-feed-forward inputs with `engine.geglu: triton` (qmodules.GEGLUFeedForward). Everything around
+the GPU, which runs the project's Triton kernel (engines/triton_gemm.py), as do both formats' GEGLU
+feed-forward inputs with `engine.geglu: triton` (qmodules.GEGLUFeedForward), or with
+`engine.int8_gemm: cudnn` cuDNN's int8 matmul and conv (engines/cudnn_int8.py). Everything around
 them is written so that torch.compile / AOTInductor can fuse it: the activation's quantization
 (scale, clamp, cast) folds into the kernel that produces the activation (norm, GELU, residual add),
 and a convolution's patch matrix (im2col) is one copy kernel over its already quantized input. Shapes
