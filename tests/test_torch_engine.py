@@ -192,6 +192,10 @@ def test_conv_gemm_choice(int8_pair, fp8_pair, monkeypatch):
     assert {(m.out_channels, m.runs_as_gemm(on_gpu=True)) for m in convs if m.gemm_ok} == {(32, False), (64, True)}
     assert all(m.runs_as_gemm(on_gpu=True) == m.gemm_ok for m in fp8_convs)  # fp8: every conv it can
     assert not any(m.runs_as_gemm(on_gpu=False) for m in convs + fp8_convs)
+    monkeypatch.setattr(qm.QuantConv2d, "int8_gemm", "cudnn")  # cuDNN's int8 conv: every one it can, 32 too
+    assert all(m.runs_as_gemm(on_gpu=True) == m.gemm_ok for m in convs) and any(m.out_channels == 32 for m in convs)
+    assert not any(m.runs_as_gemm(on_gpu=False) for m in convs)
+    monkeypatch.setattr(qm.QuantConv2d, "int8_gemm", "auto")
     try:
         for m in convs:
             m.use_gemm = True

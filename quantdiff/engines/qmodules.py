@@ -16,8 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quantdiff.engines import triton_gemm
-from quantdiff.engines.gemm8 import (conv2d_as_gemm, int8_out_scale, resolve_conv_patches, resolve_geglu,
-                                     resolve_int8_gemm)
+from quantdiff.engines.gemm8 import conv2d_as_gemm, int8_out_scale, resolve_conv_patches, resolve_geglu
 from quantdiff.engines.qattention import QuantAttnProcessor
 from quantdiff.engines.qlinear import (FP8_FAST_ACCUM, FP8Linear, Int8Linear, StaticQuant, _copy_or_none,
                                        _dequantize_weight, _Linear8, _weight_8bit, quantizer_format)
@@ -152,7 +151,7 @@ class QuantConv2d(nn.Module):
         if self.use_gemm is None:
             if not (on_gpu and self.gemm_ok):
                 return False
-            if self.fmt == "int8" and resolve_int8_gemm(self.int8_gemm, "cuda") == "cudnn":
+            if self.fmt == "int8" and self.int8_gemm == "cudnn":  # (auto never means cudnn)
                 return True  # cuDNN's int8 conv beat its fp16 one on 8 of 9 SDXL shapes (docs/PERF.md)
             triton_patches = resolve_conv_patches(self.conv_patches, "cuda") == "triton"
             return self.out_channels >= (GEMM_MIN_OUT_CHANNELS_TRITON_PATCHES[self.fmt] if triton_patches
