@@ -95,8 +95,8 @@ def failure_summary(proc, sample, engine_path):
                 f"engine's package that crashes the loader.")
     return (f"{summary}. So did a one-linear AOTInductor package built here for comparison ({probe}): torch "
             f"{torch.__version__} cannot load AOTInductor packages on this machine, whatever they hold (as on the "
-            f"H100 and H200 machines with torch 2.11.0+cu130, docs/PERF.md). Set engine.torch_format: export (the same program, "
-            f"compiled by torch.compile where it is loaded), or build where packages load.")
+            f"H100 and H200 machines with torch 2.11.0+cu130, docs/PERF.md). Set engine.torch_format: export "
+            f"(the same program, compiled by torch.compile where it is loaded), or build where packages load.")
 
 
 def probe_package_loading(device, dtype):

@@ -21,6 +21,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from quantdiff.engines.gemm8 import conv_output_size, int8_dequantize, int8_matmul as int_mm_sums
 from quantdiff.errors import MissingBackendError
 
 # cuDNN handles and built graphs, per thread (a handle is not to be shared between threads)
@@ -60,10 +61,6 @@ def matmul_layout(m, k, n):
     """The graph's tensors for (m, k) @ (n, k)^T: (dims, strides) of a, w (read as (k, n)) and the (m, n) output."""
     return {"a": ([1, m, k], [m * k, k, 1]), "w": ([1, k, n], [n * k, 1, k]), "out": ([1, m, n], [m * n, n, 1]),
             "per_column": ([1, 1, n], [n, n, 1])}
-
-
-def conv_output_size(size, kernel, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def conv_layout(x_shape, w_shape, stride, padding, dilation):
@@ -157,9 +154,8 @@ def _check_int8(*tensors):
 def _matmul_op(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype) -> torch.Tensor:
     (m, k), n = a.shape, w.shape[0]
-    if not a.is_cuda:  # the same numbers in plain PyTorch: exact int32 sums, the float32 epilogue
-        out = (a.int() @ w.int().t()).float() * scale.float()
-        return (out if bias is None else out + bias.float()).to(out_dtype)
+    if not a.is_cuda:  # the engine's own CPU path: exact int32 sums, the float32 epilogue
+        return int8_dequantize(int_mm_sums(a, w), scale.float(), bias, out_dtype)
     a, w, scale = a.contiguous(), w.contiguous(), scale.float().contiguous()
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
     tensors = {"a": a, "w": w, "scale": scale}
@@ -179,11 +175,9 @@ def _(a, w, scale, bias, out_dtype):
 @torch.library.custom_op("quantdiff::cudnn_int8_conv", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def _conv_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
              stride: list[int], padding: list[int], dilation: list[int], out_dtype: torch.dtype) -> torch.Tensor:
-    if not x.is_cuda:  # exact int32 sums (float64 holds them), then the float32 epilogue
-        sums = F.conv2d(x.double(), w.double(), None, stride, padding, dilation).float()
-        out = sums * scale.float().view(1, -1, 1, 1)
-        out = out if bias is None else out + bias.float().view(1, -1, 1, 1)
-        return out.to(out_dtype).contiguous(memory_format=torch.channels_last)
+    if not x.is_cuda:  # exact int32 sums (float64 holds them), then the engine's float32 epilogue, per channel
+        sums = F.conv2d(x.double(), w.double(), None, stride, padding, dilation).permute(0, 2, 3, 1).contiguous()
+        return int8_dequantize(sums, scale.float(), bias, out_dtype).permute(0, 3, 1, 2)  # channels_last
     layout = conv_layout(x.shape, w.shape, stride, padding, dilation)
     x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
     out = torch.empty(layout["out"][0], device=x.device, dtype=out_dtype, memory_format=torch.channels_last)

@@ -12,7 +12,7 @@ that are known at trace time skip the cuBLASLt padding, so a statically compiled
 import torch
 import torch.nn.functional as F
 
-from quantdiff.engines import cudnn_int8, triton_gemm
+from quantdiff.engines import triton_gemm
 from quantdiff.errors import ConfigError, MissingBackendError
 
 FP8 = torch.float8_e4m3fn
@@ -71,6 +71,8 @@ def resolve_int8_gemm(choice, device):
     if choice == "triton-tma":
         _require_hopper("int8_gemm", choice, device)
     if choice == "cudnn":
+        from quantdiff.engines import cudnn_int8  # (it imports this module)
+
         cudnn_int8.require("int8_gemm", choice, "triton")
     return choice
 
@@ -250,6 +252,8 @@ def int8_linear(a, w, out_scale, bias, dtype, kernel="auto"):
     n = out_scale.shape[0]
     kernel = resolve_int8_gemm(kernel, a.device)
     if kernel == "cudnn":
+        from quantdiff.engines import cudnn_int8
+
         return cudnn_int8.int8_matmul(a, w if w.shape[0] == n else w[:n], out_scale, bias, dtype)
     if kernel.startswith("triton"):
         return triton_gemm.gemm8(a, w, out_scale, bias, n=n, out_dtype=dtype, tma=kernel == "triton-tma")
@@ -304,8 +308,8 @@ def conv2d_as_gemm(conv, x):
     so the patches are the same, and the gather (kh*kw times the input) moves 1-byte values. It
     moves them as int8 bits, so padding and copying need no fp8 kernels.
     """
-    # (the Triton modules import this one: imported here)
-    from quantdiff.engines import triton_conv, triton_patches
+    # (the Triton and cuDNN modules import this one: imported here)
+    from quantdiff.engines import cudnn_int8, triton_conv, triton_patches
 
     if conv.act.pre_quant_scale is not None:
         x = x * conv.act.pre_quant_scale

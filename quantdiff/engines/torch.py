@@ -275,18 +275,23 @@ def engine_format(path, default=_NO_DEFAULT):
     """"aoti" or "export" (TORCH_FORMATS): what kind of .pt2 archive the engine at `path` is. A file
     of neither kind (or none) raises CorruptArtifactError, or returns `default` where one is given."""
     try:
+        return _archive_kind(path)
+    except CorruptArtifactError:
+        if default is _NO_DEFAULT:
+            raise
+        return default
+
+
+def _archive_kind(path):
+    try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as err:
-        if default is not _NO_DEFAULT:
-            return default
         raise CorruptArtifactError(path, f"not a .pt2 archive: {type(err).__name__}: {err}") from err
     if any("/data/aotinductor/" in name for name in names):
         return "aoti"
     if any(name.endswith("/models/model.json") for name in names):
         return "export"
-    if default is not _NO_DEFAULT:
-        return default
     raise CorruptArtifactError(path, "neither an AOTInductor package nor a torch.export program")
 
 
