@@ -112,3 +112,42 @@ def test_baseline_compiles_with_the_engines_inductor_settings(tiny_xl_dir, tmp_p
         bench_run.run_bench(tiny_xl_dir, tmp_path / "engine.pt2", "torch", tmp_path / "reference", settings, out,
                             log=lambda *_: None)
     assert compiled.value.args == ({"max_autotune": True},)
+
+
+def test_gpu_share_times_one_process_at_a_time(tmp_path):
+    """GpuShare: while one process compiles (a shared lock), another may compile too but not time;
+    while one times (exclusive), no other may do either; after, both may compile again. flock locks
+    belong to an open file, so a second open of the lock file stands for the other process."""
+    import fcntl
+
+    from quantdiff.bench.timing import GpuShare
+
+    lock = tmp_path / "gpu.lock"
+    share = GpuShare(str(lock))
+    other = open(lock)  # noqa: SIM115
+
+    def other_gets(kind):
+        try:
+            fcntl.flock(other, kind | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(other, fcntl.LOCK_UN)
+        return True
+
+    try:
+        assert other_gets(fcntl.LOCK_SH) and not other_gets(fcntl.LOCK_EX)
+        with share.timing():
+            assert not other_gets(fcntl.LOCK_SH) and not other_gets(fcntl.LOCK_EX)
+        assert other_gets(fcntl.LOCK_SH) and not other_gets(fcntl.LOCK_EX)
+        fcntl.flock(other, fcntl.LOCK_SH)  # the other compiling: this one waits to time, and counts it
+        import threading
+        threading.Timer(0.3, lambda: fcntl.flock(other, fcntl.LOCK_UN)).start()
+        with share.timing():
+            pass
+        assert share.waited_s >= 0.25
+    finally:
+        other.close()
+    alone = GpuShare(None)  # no lock file: timing() is a no-op
+    with alone.timing():
+        pass
+    assert alone.waited_s == 0.0 and alone.file is None

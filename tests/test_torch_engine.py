@@ -245,8 +245,9 @@ def test_fp8_attention_through_the_triton_kernel(fp8_pair, monkeypatch, kernel, 
     attentions = [(n, m) for n, m in real.named_modules() if isinstance(m.__dict__.get("processor"), qm.QuantAttnProcessor)]
     assert qm.set_fp8_attention(real, kernel) == len(attentions) == 8
     calls = []
-    run = triton_attention.fp8_attention
-    monkeypatch.setattr(triton_attention, "fp8_attention", lambda *a, **kw: calls.append((a, kw)) or run(*a, **kw))
+    run = triton_attention.fp8_attention_scaled
+    monkeypatch.setattr(triton_attention, "fp8_attention_scaled",
+                        lambda *a, **kw: calls.append((a, kw)) or run(*a, **kw))
     try:
         for i, (name, attn) in enumerate(attentions):
             x = torch.randn(2, 16, attn.query_dim, generator=torch.Generator().manual_seed(i))
@@ -265,10 +266,15 @@ def test_fp8_attention_through_the_triton_kernel(fp8_pair, monkeypatch, kernel, 
     one_tensor = [len({t.untyped_storage().data_ptr() for t in a[:3]}) == 1 for a, _ in calls]
     assert one_tensor == [name.endswith("attn1") for name, _ in attentions]
     assert all(kw["quantize_probs"] == (kernel == "triton-fp8-probs") for _, kw in calls)
-    # every output projection is an fp8 linear: each takes the kernel's output on its own grid
+    # every output projection is an fp8 linear: each takes the kernel's output on its own grid. The
+    # kernel's scales are one float32 buffer per attention, made at conversion (no stack kernel per call)
     projections = [attn.to_out[0] for _, attn in attentions]
     assert all(isinstance(p, qm.FP8Linear) for p in projections)
-    assert [kw["out_grid"] for _, kw in calls] == [p.act.to_grid for p in projections]
+    assert all(a[3] is attn.fp8_kernel_scales for (a, _), (_, attn) in zip(calls, attentions))
+    assert all(a[3].dtype == torch.float32 for a, _ in calls)
+    assert [a[3].tolist() for a, _ in calls] == [
+        [attn.q_quant.back.item(), attn.k_quant.back.item(), attn.v_quant.back.item(), attn.to_out[0].act.to_grid.item()]
+        for _, attn in attentions]
 
 
 @torch.no_grad()
@@ -289,8 +295,9 @@ def test_fp8_projections_write_e4m3_q_k_v_for_the_attention_kernel(fp8_pair, mon
     with pytest.raises(ValueError, match="bias"):
         attentions[0][1].to_out[0].feeds(torch.tensor(1.0))  # diffusers' output projection has a bias
     calls, quantized = [], []
-    run, quantize = triton_attention.fp8_attention, StaticQuant.quantize
-    monkeypatch.setattr(triton_attention, "fp8_attention", lambda *a, **kw: calls.append(a[:3]) or run(*a, **kw))
+    run, quantize = triton_attention.fp8_attention_scaled, StaticQuant.quantize
+    monkeypatch.setattr(triton_attention, "fp8_attention_scaled",
+                        lambda *a, **kw: calls.append(a[:3]) or run(*a, **kw))
     monkeypatch.setattr(StaticQuant, "quantize", lambda self, x: quantized.append(self) or quantize(self, x))
     monkeypatch.setattr(qattention, "resolve_fp8_attention", lambda choice, device: choice)  # as on a GPU
     qm.set_fp8_attention(real, "triton")

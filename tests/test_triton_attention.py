@@ -58,6 +58,10 @@ def test_refusals():
     (q, k, v), scales = fp8_qkv(1, 1, 8, 8, 16)
     with pytest.raises(ValueError, match="float8_e4m3fn q, k and v"):
         ta.fp8_attention(q.float(), k, v, *scales)
+    with pytest.raises(ValueError, match=r"3 or 4 scales \(q, k, v, out grid\), got shape \(2,\)"):
+        ta.fp8_attention_scaled(q, k, v, torch.ones(2))
+    assert ta.kernel_scales(*scales).shape == (3,)
+    assert ta.kernel_scales(*scales, out_grid=torch.tensor(2.0, dtype=torch.float16)).tolist()[3] == 2.0
 
 
 def test_quantized_probabilities():

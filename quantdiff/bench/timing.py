@@ -1,4 +1,6 @@
 """Latency and memory measurement: CUDA events on the GPU, perf_counter on the CPU."""
+import contextlib
+import fcntl
 import time
 
 import torch
@@ -57,6 +59,34 @@ def time_cuda_graph(fn, warmup, iters):
             torch.cuda.synchronize()
         return None, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}", None
     return time_calls(graph.replay, warmup, iters, "cuda"), None, graph
+
+
+class GpuShare:
+    """Lets benchmark processes share one GPU: each holds a shared lock on `path` while it compiles,
+    calibrates or autotunes (work that would disturb another's clock) and an exclusive one while it
+    times, so they compile side by side and time one at a time, each on a quiet GPU. flock drops the
+    shared lock before it waits for the exclusive one, so two processes waiting to time never
+    deadlock. path None: one process alone, no locks."""
+
+    def __init__(self, path):
+        self.file = None if path is None else open(path, "a")  # noqa: SIM115 - held for the process's life
+        self.waited_s = 0.0
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_SH)
+
+    @contextlib.contextmanager
+    def timing(self):
+        """The GPU to this process alone for the block; time spent waiting for it adds to waited_s."""
+        if self.file is None:
+            yield
+            return
+        start = time.time()
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        self.waited_s += time.time() - start
+        try:
+            yield
+        finally:
+            fcntl.flock(self.file, fcntl.LOCK_SH)
 
 
 def cuda_bytes_beside_allocator():

@@ -23,7 +23,7 @@ import torch
 
 from ..engines.check import relative_error
 from ..io import write_json
-from .timing import cuda_bytes_beside_allocator, module_bytes, time_calls, time_cuda_graph
+from .timing import GpuShare, cuda_bytes_beside_allocator, module_bytes, time_calls, time_cuda_graph
 
 # aten ops whose device time is a GEMM, a convolution or attention (no op here nests in another)
 OP_KINDS = {"aten::mm": "gemm", "aten::addmm": "gemm", "aten::bmm": "gemm", "aten::_scaled_mm": "gemm",
@@ -149,10 +149,11 @@ def measure(name, module, inputs, flops, args, log, backend="compile", inductor=
         torch.cuda.synchronize()
         compile_s = time.time() - start
         torch.cuda.reset_peak_memory_stats()
-        launched = time_calls(step, args.warmup, args.iters, "cuda")
-        activations_mb = (torch.cuda.max_memory_allocated() - resident) / 2**20
-        kinds = profile_step(step, Path(args.out) / f"profile-{tag}.txt")
-        replayed, failure, graph = time_cuda_graph(step, args.warmup, args.iters)
+        with args.gpu_share.timing():
+            launched = time_calls(step, args.warmup, args.iters, "cuda")
+            activations_mb = (torch.cuda.max_memory_allocated() - resident) / 2**20
+            kinds = profile_step(step, Path(args.out) / f"profile-{tag}.txt")
+            replayed, failure, graph = time_cuda_graph(step, args.warmup, args.iters)
         if failure:
             log(f"{name}: CUDA graph capture failed: {failure}")
     # An AOTInductor package loads its own copy of the weights (and its kernels) past the caching allocator
@@ -269,6 +270,9 @@ def main(argv=None):
                         help="what fp8 level 4's q/k/v projections write for the fp8 attention kernel: e4m3 (from "
                              "the GEMM, on their quantizers' grids, as the engine stage builds them) or fp16 "
                              "(quantize kernels after); several: each its own fp8 variant")
+    parser.add_argument("--gpu-lock", metavar="FILE",
+                        help="a lock file shared with other bench processes on this GPU: they compile side by side "
+                             "and time one at a time (timing.GpuShare)")
     parser.add_argument("--out", default="unet_bench")
     args = parser.parse_args(argv)
     int8_gemms, conv_patches, conv_modes = args.int8_gemm.split(","), args.conv_patches.split(","), args.conv.split(",")
@@ -296,6 +300,7 @@ def main(argv=None):
     baseline_inductor = check_inductor_settings(dict(args.baseline_inductor), "--baseline-inductor")
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     require_cuda("UNet benchmark")
+    args.gpu_share = GpuShare(args.gpu_lock)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     level = int(args.level) if args.level == int(args.level) else args.level
     began = time.time()
@@ -375,9 +380,12 @@ def main(argv=None):
             write_json(Path(args.out) / "unet_bench.json", result)
         del fake, real, fake_out
     if base_graph is not None:  # the baseline again, last: the clock did not drift between variants
-        again = time_calls(base_graph.replay, args.warmup, args.iters, "cuda")
+        with args.gpu_share.timing():
+            again = time_calls(base_graph.replay, args.warmup, args.iters, "cuda")
         result["fp16_cuda_graph_ms_again"] = round(again["median"], 3)
         log(f"torch.compile fp16 again (CUDA graph): {again['median']:.2f} ms")
+    if args.gpu_lock:
+        result["gpu_lock_waited_s"] = round(args.gpu_share.waited_s, 1)
     write_json(Path(args.out) / "unet_bench.json", result)
     print_table(rows, log)
     over = past_error_bound(rows)

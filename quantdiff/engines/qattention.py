@@ -14,6 +14,22 @@ def _feeds(projection):
     return getattr(projection, "e4m3_out_scale", None) is not None
 
 
+def reads_e4m3_attention_output(projection):
+    """True for an output projection that takes the fp8 kernel's output on its own input grid (an fp8
+    linear without smoothing): no fp16 write between them, no quantize kernel."""
+    return isinstance(projection, FP8Linear) and projection.act.pre_quant_scale is None
+
+
+def fp8_kernel_scales(attn):
+    """The fp8 attention kernel's scales for `attn` (triton_attention.kernel_scales): q, k, v and, where
+    the output projection reads e4m3, its grid. Conversion keeps them as the buffer attn.fp8_kernel_scales."""
+    from quantdiff.engines.triton_attention import kernel_scales
+
+    projection = attn.to_out[0]
+    out_grid = projection.act.to_grid if reads_e4m3_attention_output(projection) else None
+    return kernel_scales(attn.q_quant.back, attn.k_quant.back, attn.v_quant.back, out_grid)
+
+
 def _query_width(attn):
     """The width of q: the first split of a fused to_qkv (q, k and v share it in diffusers' Attention)."""
     return attn.to_qkv.split_sizes[0] if hasattr(attn, "to_qkv") else attn.to_q.out_features
@@ -108,13 +124,13 @@ class QuantAttnProcessor:
 
         image_shape = (channels, height, width) if image_layout else None
         if fp8_kernel:
-            from quantdiff.engines.triton_attention import fp8_attention
+            from quantdiff.engines.triton_attention import fp8_attention_scaled
 
             quants = (attn.q_quant, attn.k_quant, attn.v_quant)
-            # an fp8 output projection without smoothing takes the kernel's output on its own grid:
-            # no fp16 write, and no separate quantize kernel between them
-            projection = attn.to_out[0]
-            fused = isinstance(projection, FP8Linear) and projection.act.pre_quant_scale is None
+            # made at conversion; computed here (a small kernel per call) for a processor set by hand.
+            # Four scales: the output projection reads the kernel's e4m3 output (reads_e4m3_attention_output)
+            scales = attn.fp8_kernel_scales if hasattr(attn, "fp8_kernel_scales") else fp8_kernel_scales(attn)
+            projection, fused = attn.to_out[0], scales.shape[0] == 4
             # a fused fp16 q/k/v output on one grid (calibration's fused_scales) takes one quantize; an e4m3
             # one (the GEMM wrote it on its quantizers' grids, FP8Linear.feeds) needs none
             wrote_e4m3 = qkv is not None and qkv.dtype == FP8
@@ -123,9 +139,8 @@ class QuantAttnProcessor:
                 quantized = [split_heads(t) for t in quants[0].quantize(qkv).split(attn.to_qkv.split_sizes, -1)]
             else:  # e4m3 already where the GEMM wrote it so
                 quantized = [t if t.dtype == FP8 else q.quantize(t) for q, t in zip(quants, (query, key, value))]
-            hidden_states = fp8_attention(*quantized, *(q.back for q in quants),  # SDPA's default scale, as below
-                                          quantize_probs=self.fp8_attention == "triton-fp8-probs",
-                                          out_grid=projection.act.to_grid if fused else None)
+            hidden_states = fp8_attention_scaled(*quantized, scales,  # SDPA's default softmax scale, as below
+                                                 quantize_probs=self.fp8_attention == "triton-fp8-probs")
             if fused:
                 merged = hidden_states.transpose(1, 2).reshape(-1, attn.heads * head_dim)  # a view: heads-last
                 projected = projection.from_quantized(merged, dtype).reshape(batch, -1, projection.out_features)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from quantdiff.engines import triton_gemm
 from quantdiff.engines.gemm8 import conv2d_as_gemm, int8_out_scale, resolve_conv_patches, resolve_geglu
-from quantdiff.engines.qattention import QuantAttnProcessor
+from quantdiff.engines.qattention import QuantAttnProcessor, fp8_kernel_scales
 from quantdiff.engines.qlinear import (FP8_FAST_ACCUM, FP8Linear, Int8Linear, StaticQuant, _copy_or_none,
                                        _dequantize_weight, _Linear8, _weight_8bit, quantizer_format)
 from quantdiff.errors import ConfigError
@@ -274,6 +274,8 @@ def _convert_attention(module, where, counts, fuse_projections=True):
         quants = [built[f"{short}_quant"] for short in ("q", "k", "v")]
         plain.set_processor(QuantAttnProcessor(quantize_softmax=quantize_softmax, shared_inputs=shared,
                                                one_qkv_grid=all(quants[0].same_grid(q) for q in quants[1:])))
+        if all(q.fmt == "fp8" for q in quants):  # the fp8 attention kernel's scales, in one tensor
+            plain.register_buffer("fp8_kernel_scales", fp8_kernel_scales(plain))
         fed = _feed_quantizers_from_gemms(plain, quants)
         if fed:
             counts["projections_e4m3_out"] += fed

@@ -164,6 +164,14 @@ def keys_contiguous(v):
     return v if v.stride(-2) == 1 else v.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
+def kernel_scales(q_scale, k_scale, v_scale, out_grid=None):
+    """The kernel's scale operand, one float32 tensor: [q, k, v] dequantize multipliers and, for an
+    e4m3 output, the output grid. Made once per attention at conversion (qmodules), it spares the
+    UNet step a stack kernel per call (140 of ~2 us for SDXL)."""
+    return torch.stack([s.float().reshape(()) for s in (q_scale, k_scale, v_scale)]
+                       + ([out_grid.float().reshape(())] if out_grid is not None else []))
+
+
 def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, quantize_probs=False, out_grid=None):
     """fp8_attention_reference's result (fp16) through the Triton kernel: the custom op on the GPU,
     the kernel itself under the interpreter. q, k, v: e4m3 (b, h, len, d), head_dim a power of 2
@@ -171,6 +179,13 @@ def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, quanti
     too, both products on the fp8 tensor cores (not the fake-quant model's semantics: its error is
     measured, `bench.gemm --attention`). out_grid: the output quantized onto that e4m3 grid (the
     output projection's input scale) and returned as e4m3, so that projection reads 8 bits."""
+    return fp8_attention_scaled(q, k, v, kernel_scales(q_scale, k_scale, v_scale, out_grid), softmax_scale,
+                                quantize_probs)
+
+
+def fp8_attention_scaled(q, k, v, scales, softmax_scale=None, quantize_probs=False):
+    """fp8_attention with its scales already in one tensor (kernel_scales): three entries give an
+    fp16 output, four an e4m3 one on the fourth's grid."""
     if triton is None:
         raise RuntimeError("fp8_attention needs the triton package")
     d = q.shape[-1]
@@ -180,9 +195,9 @@ def fp8_attention(q, k, v, q_scale, k_scale, v_scale, softmax_scale=None, quanti
         raise ValueError("fp8_attention takes float8_e4m3fn q, k and v")
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     v = keys_contiguous(v) if quantize_probs else v if v.stride(-1) == 1 else v.contiguous()
-    out_fp8 = out_grid is not None
-    scales = torch.stack([s.float().reshape(()) for s in (q_scale, k_scale, v_scale)]
-                         + ([out_grid.float().reshape(())] if out_fp8 else []))
+    if scales.shape not in ((3,), (4,)):
+        raise ValueError(f"fp8_attention takes 3 or 4 scales (q, k, v, out grid), got shape {tuple(scales.shape)}")
+    scales, out_fp8 = scales.float(), scales.shape[0] == 4  # .float(): no kernel for a float32 buffer
     softmax_scale = 1 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     if d < MIN_MMA_K:
         q, k, v = (zero_pad_last_dim(t, MIN_MMA_K) for t in (q, k, v))
