@@ -119,6 +119,7 @@ def test_gpu_share_times_one_process_at_a_time(tmp_path):
     while one times (exclusive), no other may do either; after, both may compile again. flock locks
     belong to an open file, so a second open of the lock file stands for the other process."""
     import fcntl
+    import threading
 
     from quantdiff.bench.timing import GpuShare
 
@@ -140,7 +141,6 @@ def test_gpu_share_times_one_process_at_a_time(tmp_path):
             assert not other_gets(fcntl.LOCK_SH) and not other_gets(fcntl.LOCK_EX)
         assert other_gets(fcntl.LOCK_SH) and not other_gets(fcntl.LOCK_EX)
         fcntl.flock(other, fcntl.LOCK_SH)  # the other compiling: this one waits to time, and counts it
-        import threading
         threading.Timer(0.3, lambda: fcntl.flock(other, fcntl.LOCK_UN)).start()
         with share.timing():
             pass

@@ -171,7 +171,7 @@ def _(a, w, scale, bias, out_dtype):
 
 # The tag asks Inductor for the strides tracing saw (channels_last images). Without it the op got NCHW
 # images, and its copy to NHWC cost 2.2 ms of the SDXL step (H100); with it the CPU's generated code keeps
-# channels_last, but on the H100 the 38 copies were still there (eleventh session, docs/PERF.md): open
+# channels_last, but on the H100 the 38 copies were still there (eleventh session, docs/PERF.md; not solved)
 @torch.library.custom_op("quantdiff::cudnn_int8_conv", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def _conv_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
              stride: list[int], padding: list[int], dilation: list[int], out_dtype: torch.dtype) -> torch.Tensor:
