@@ -57,6 +57,24 @@ def test_ops_trace_and_export():
     assert torch.equal(program.module()(x), Conv()(x))
 
 
+def test_conv_images_reach_the_op_channels_last():
+    """An NCHW producer (as a group norm's output traces on the GPU) still hands the op an NHWC image:
+    the wrapper's copy is in the traced graph, where Inductor fuses it into the quantize."""
+    wc, scale = _int8(16, 8, 3, 3, seed=2).contiguous(memory_format=torch.channels_last), torch.rand(16)
+
+    class QuantizeThenConv(torch.nn.Module):
+        def forward(self, x):
+            xq = torch.clamp(torch.round(x * 20), -128, 127).to(torch.int8)  # NCHW, as x
+            return cudnn_int8.int8_conv2d(xq, wc, scale, None, (1, 1), (1, 1), (1, 1))
+
+    x = torch.randn(2, 8, 6, 6)
+    program = torch.export.export(QuantizeThenConv(), (x,))
+    (conv,) = [n for n in program.graph.nodes if n.target == torch.ops.quantdiff.cudnn_int8_conv.default]
+    image = conv.args[0].meta["val"]
+    assert image.dtype == torch.int8 and image.stride() == (8 * 36, 1, 8 * 6, 8)
+    assert torch.equal(program.module()(x), QuantizeThenConv()(x))
+
+
 def test_graph_layouts():
     """What the cuDNN graphs are told: the weight (n, k) read as (k, n) in place; NHWC images and output."""
     layout = cudnn_int8.matmul_layout(2048, 1280, 320)
@@ -88,3 +106,30 @@ def test_an_aoti_package_refuses_the_python_ops():
                                           "AOTInductor package .engine.torch_format: aoti. cannot hold"):
         check_packageable({"int8_gemm": "cudnn"})
     check_packageable({"int8_gemm": "cudnn"}, torch_format="export")  # the export format takes them
+
+
+def test_an_export_engine_with_the_ops_loads_in_a_fresh_process(tmp_path):
+    """The bench stage loads engine.pt2 in a process of its own: load_engine must register the ops first."""
+    import subprocess
+    import sys
+
+    from quantdiff.engines import torch as engine_torch
+
+    class Ops(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wc, self.wl, self.scale = _int8(16, 8, 3, 3, seed=2), _int8(16, 16, seed=3), torch.rand(16) * 1e-2
+
+        def forward(self, x):
+            y = cudnn_int8.int8_conv2d(x, self.wc, self.scale, None, (1, 1), (1, 1), (1, 1), torch.float32)
+            rows = torch.clamp(torch.round(y.permute(0, 2, 3, 1).reshape(-1, 16)), -128, 127).to(torch.int8)
+            return cudnn_int8.int8_matmul(rows, self.wl, self.scale, None, torch.float32)
+
+    ops, x, path = Ops(), _int8(2, 8, 6, 6), tmp_path / "engine.pt2"
+    torch.export.save(torch.export.export(ops, (x,)), str(path), extra_files={"quantdiff": ""})
+    torch.save({"x": x, "expected": ops(x)}, tmp_path / "io.pt")
+    script = (f"import torch; from quantdiff.engines.torch import load_engine; io = torch.load({str(tmp_path / 'io.pt')!r}); "
+              f"out = load_engine({str(path)!r})(io['x']); assert torch.equal(out, io['expected']); print('same')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]
+    assert engine_torch.engine_format(path) == "export"

@@ -17,6 +17,7 @@ what the tests check; the graphs' tensor layouts are described by `matmul_layout
 """
 import functools
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -169,9 +170,7 @@ def _(a, w, scale, bias, out_dtype):
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
-# The tag asks Inductor for the strides tracing saw (channels_last images). Without it the op got NCHW
-# images, and its copy to NHWC cost 2.2 ms of the SDXL step (H100); with it the CPU's generated code keeps
-# channels_last, but on the H100 the 38 copies were still there (eleventh session, docs/PERF.md; not solved)
+# The tag asks Inductor for the strides tracing saw; int8_conv2d makes those channels_last (see there)
 @torch.library.custom_op("quantdiff::cudnn_int8_conv", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def _conv_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
              stride: list[int], padding: list[int], dilation: list[int], out_dtype: torch.dtype) -> torch.Tensor:
@@ -179,6 +178,8 @@ def _conv_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.
         sums = F.conv2d(x.double(), w.double(), None, stride, padding, dilation).permute(0, 2, 3, 1).contiguous()
         return int8_dequantize(sums, scale.float(), bias, out_dtype).permute(0, 3, 1, 2)  # channels_last
     layout = conv_layout(x.shape, w.shape, stride, padding, dilation)
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        _warn_copy(x)
     x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
     out = torch.empty(layout["out"][0], device=x.device, dtype=out_dtype, memory_format=torch.channels_last)
     tensors = {"x": x, "w": w, "scale": scale.float().contiguous()}
@@ -186,6 +187,12 @@ def _conv_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.
         tensors["bias"] = bias.contiguous()
     geometry = (tuple(stride), tuple(padding), tuple(dilation))
     return _graph("conv", layout, geometry, out_dtype, bias, x.device)(tensors, out)
+
+
+def _warn_copy(x):
+    """Say (once per shape) that an image reached the cuDNN conv in another layout: its copy costs a pass."""
+    warnings.warn(f"cudnn_int8_conv: a {tuple(x.shape)} image with strides {x.stride()} is copied to NHWC "
+                  f"on each call; pass it channels_last", stacklevel=2)
 
 
 @_conv_op.register_fake
@@ -204,5 +211,9 @@ def int8_conv2d(x, w, scale, bias, stride, padding, dilation, out_dtype=torch.fl
     """conv2d of the int8 image x (b, c, h, w) by the int8 weight w (o, c, kh, kw), times scale[o] (+ bias[o]),
     -> (b, o, ho, wo) out_dtype, channels_last; groups 1, zero padding."""
     _check_int8(x, w)
+    # Here, not in the op: under torch.compile this copy fuses into the quantize that writes x. On the GPU
+    # tracing sees a group norm's output NCHW (torch's decomposition keeps channels_last on the CPU only),
+    # and the op's own copy of the 38 NCHW images cost 2.2 ms of the SDXL step (H100, docs/PERF.md)
+    x = x.contiguous(memory_format=torch.channels_last)
     return torch.ops.quantdiff.cudnn_int8_conv(x, w, scale, bias, list(stride), list(padding), list(dilation),
                                                out_dtype)
