@@ -778,6 +778,23 @@ def test_int8_gemm_kernel_for_a_gpu(monkeypatch, choice, capability, has_triton,
     assert gemm8.resolve_int8_gemm(choice, "cuda") == kernel
 
 
+@pytest.mark.parametrize("capability, python_ops, has_cudnn, kernel", [
+    ((9, 0), True, True, "cudnn"),     # torch.compile or the export format, the frontend installed
+    ((9, 0), False, True, "triton"),   # an AOTInductor package cannot hold cuDNN's Python ops
+    ((9, 0), True, False, "triton"),   # no nvidia-cudnn-frontend: auto is Triton, not an error
+    ((8, 0), True, True, "int_mm"),    # cuDNN's int8 is not measured before Hopper
+])
+def test_int8_gemm_auto_is_cudnn_where_python_ops_run(monkeypatch, capability, python_ops, has_cudnn, kernel):
+    from quantdiff.engines import cudnn_int8, gemm8
+
+    monkeypatch.setattr(gemm8.torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: True)
+    monkeypatch.setattr(cudnn_int8, "available", lambda device: has_cudnn)
+    assert gemm8.resolve_int8_gemm("auto", "cuda", python_ops) == kernel
+    assert gemm8.resolve_kernels("int8", "cuda", python_ops=python_ops)["int8_gemm"] == kernel
+    assert gemm8.resolve_int8_gemm("auto", "cpu", python_ops) == "int_mm"
+
+
 def test_int8_gemm_refusals_and_the_cpu(monkeypatch):
     from quantdiff.engines import gemm8
     from quantdiff.errors import MissingBackendError
@@ -828,6 +845,26 @@ def test_int8_engine_build_sets_and_records_its_gemm(tmp_path, monkeypatch, int8
             te.build_torch_engine(copy.deepcopy(int8_pair[0]), "int8", unet_inputs(2, 1), tmp_path / "other.pt2",
                                   dynamic=False, log=lambda *_: None, self_check=False, **bad)
     assert not (tmp_path / "other.pt2").exists()
+
+
+def test_engine_build_lets_auto_take_python_ops_in_the_export_format_only(tmp_path, monkeypatch, int8_pair):
+    """engine.int8_gemm: auto may resolve to cuDNN's Python ops in the export format, never for an
+    AOTInductor package (gemm8.resolve_int8_gemm's python_ops)."""
+    from quantdiff.engines import gemm8
+
+    seen = []
+
+    def resolve(precision, device, *settings, python_ops=False):
+        seen.append(python_ops)
+        return {"conv_patches": "inductor", "geglu": "inductor", "int8_gemm": "cudnn" if python_ops else "triton"}
+    monkeypatch.setattr(gemm8, "resolve_kernels", resolve)
+    monkeypatch.setattr(te, "package_engine", lambda unet, *a, **kw: {"format": kw["torch_format"]})
+    for torch_format, kernel in (("export", "cudnn"), ("aoti", "triton")):
+        info = te.build_torch_engine(copy.deepcopy(int8_pair[0]), "int8", unet_inputs(2, 1), tmp_path / "engine.pt2",
+                                     log=lambda *_: None, torch_format=torch_format)
+        assert info["int8_gemm"]["setting"] == "auto" and info["int8_gemm"]["kernel"] == kernel
+        assert ("tile" in info["int8_gemm"]) == (kernel == "triton")  # the Triton GEMM's tile is recorded
+    assert seen == [True, False]
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])

@@ -349,7 +349,8 @@ def main(argv=None):
                 conv.use_gemm = CONV_MODES[mode]
             counts = converted | {"conv_as_gemm": sum(c.runs_as_gemm(on_gpu=True) for c in convs)}
             name = f"torch engine {precision} L{level}{packaged}"
-            kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches, attention or "auto", geglu)
+            kernels = resolve_kernels(precision, "cuda", kernel or "auto", patches, attention or "auto", geglu,
+                                      python_ops=args.backend == "compile")
             apply_kernels(real, kernels)
             set_e4m3_projections(real, projection_output == "e4m3")
             labels = ([f"{projection_mode} projections"] if len(projection_modes) > 1 else []) + \

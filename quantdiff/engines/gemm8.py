@@ -47,25 +47,33 @@ def _require_hopper(setting, choice, device):
                                   f"engine.{setting}: auto")
 
 
-def resolve_int8_gemm(choice, device):
-    """The int8 GEMM kernel for `device` ("triton" or "int_mm", i.e. torch._int_mm; the CPU always
-    takes torch._int_mm): `engine.int8_gemm`. "auto" is Triton on Hopper and newer (sm_90+): on an
-    H200 (docs/PERF.md, bench.gemm) the Triton GEMM with its dequantize fused took 0.54-0.81 of
-    the time of _int_mm (an Ampere kernel there) plus its dequantize, on every SDXL shape. Older
-    GPUs keep cuBLASLt, whose int8 kernels are native there (not measured against Triton).
-    "triton-tma": the same kernel with its operands brought in by TMA (Hopper and newer) where the
-    GEMM fits (triton_gemm.tma_fits); with its descriptors made on the device it was no faster in
-    the SDXL UNet, and the engine stage does not package it (engines.check_packageable;
-    docs/PERF.md). "cudnn": cuDNN's int8 matmul and convolution with the dequantize fused
-    (engines/cudnn_int8.py: the convs then read the image, no patch matrix); it needs the
-    nvidia-cudnn-frontend package and the engine's `export` format. Asking for a kernel where it
-    cannot run is an error."""
+def resolve_int8_gemm(choice, device, python_ops=False):
+    """The int8 GEMM kernel for `device` ("cudnn", "triton", "triton-tma" or "int_mm", i.e.
+    torch._int_mm; the CPU always takes torch._int_mm): `engine.int8_gemm`.
+
+    "auto" on Hopper and newer (sm_90+) is "cudnn" where the model may call Python ops
+    (`python_ops`: torch.compile, the engine's `export` format; not an AOTInductor package) and
+    the nvidia-cudnn-frontend package imports, else "triton". cuDNN's int8 matmul and convolution
+    have the dequantize fused (engines/cudnn_int8.py: the convs read the image, no patch matrix):
+    the int8 level 3 SDXL step was 1.204x of torch.compile fp16 with them on an H100, 1.049x with the
+    Triton GEMM (docs/PERF.md, tenth and twelfth sessions). The Triton GEMM with its dequantize fused
+    took 0.54-0.81 of the time of _int_mm (an Ampere kernel on Hopper) plus its dequantize on every
+    SDXL shape (H200). Older GPUs keep cuBLASLt, whose int8 kernels are native there (neither
+    measured against it). "triton-tma": the Triton GEMM with its operands brought in by TMA
+    (Hopper and newer) where the GEMM fits (triton_gemm.tma_fits); no faster in the SDXL UNet, and
+    not packaged (engines.check_packageable). Asking for a kernel where it cannot run is an error."""
     _check_choice("int8 GEMM", choice, INT8_GEMM_CHOICES)
     device = torch.device(device)
     if device.type != "cuda":
         return "int_mm"
     if choice == "auto":
-        return "triton" if _hopper(device) and triton_gemm.available(device) else "int_mm"
+        if not _hopper(device):
+            return "int_mm"
+        from quantdiff.engines import cudnn_int8  # (it imports this module)
+
+        if python_ops and cudnn_int8.available(device):
+            return "cudnn"
+        return "triton" if triton_gemm.available(device) else "int_mm"
     if choice.startswith("triton"):
         _require_triton("int8_gemm", choice, device, "int_mm")
     if choice == "triton-tma":
@@ -131,13 +139,15 @@ def resolve_geglu(choice, device):
     return choice
 
 
-def resolve_kernels(precision, device, int8_gemm="auto", conv_patches="auto", fp8_attention="auto", geglu="auto"):
+def resolve_kernels(precision, device, int8_gemm="auto", conv_patches="auto", fp8_attention="auto", geglu="auto",
+                    python_ops=False):
     """The GPU kernels an 8-bit model of `precision` runs on `device`, resolved from their settings:
     {"conv_patches": ..., "geglu": ..., for int8 "int8_gemm": ..., for fp8 "fp8_attention": ...}.
-    Raises before any work for one that cannot run."""
+    `python_ops`: whether the model may call ops written in Python (resolve_int8_gemm). Raises before
+    any work for one that cannot run."""
     kernels = {"conv_patches": resolve_conv_patches(conv_patches, device), "geglu": resolve_geglu(geglu, device)}
     if precision == "int8":
-        kernels["int8_gemm"] = resolve_int8_gemm(int8_gemm, device)
+        kernels["int8_gemm"] = resolve_int8_gemm(int8_gemm, device, python_ops)
     if precision == "fp8":
         kernels["fp8_attention"] = resolve_fp8_attention(fp8_attention, device)
     return kernels

@@ -447,7 +447,7 @@ def build_torch_engine(unet, precision, example_inputs, out_path, dynamic=True, 
     if precision != "fp16":
         # resolved before conversion: a kernel that cannot run stops the build before its work
         kernels = resolve_kernels(precision, next(unet.parameters()).device, int8_gemm, conv_patches, fp8_attention,
-                                  geglu)
+                                  geglu, python_ops=torch_format == "export")
         unet, counts = convert_to_real_quant(unet)
         log(f"engine: converted {counts}; kernels {kernels}")
         apply_kernels(unet, kernels)
