@@ -105,14 +105,14 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None])
 
     # the fastest of SWEEP_TILES on SDXL's self-attention on an H200 (185 against 259 us for 128x64 with
-    # 4 warps, the first tile; docs/PERF.md)
+    # 4 warps, the first tile) and of ten on an H100 (186 us; docs/PERF.md)
     TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
     # the tiles `bench.gemm --attention` times, alone
     SWEEP_TILES = [TILE, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
                    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
                    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
                    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-                   # more pipelining, or longer key blocks, for the H100 (where TILE ran no faster than cuDNN's fp16)
+                   # tried on the H100, where TILE ran no faster than cuDNN's fp16 attention: none beat it
                    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
                    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
                    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4},
