@@ -472,6 +472,37 @@ def test_geglu_feed_forward_through_one_triton_gemm(precision, int8_pair, fp8_pa
     assert {kw["out_fmt"] for kw in launched} == {out_fmt}
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@torch.no_grad()
+def test_geglu_feed_forward_through_the_pointwise_kernel(precision, int8_pair, fp8_pair, monkeypatch):
+    """engine.geglu: triton-pointwise (Triton's interpreter on the CPU here): the FF-in linear as it is,
+    then engines/triton_geglu's kernel writes value * gelu(gate) on the FF-out linear's grid; the same
+    feed-forward up to that rounding (float32 there, fp16 first in the modules' chain)."""
+    from quantdiff.engines import triton_geglu
+
+    _, real, _ = int8_pair if precision == "int8" else fp8_pair
+    feed_forwards = [m for m in real.modules() if isinstance(m, qm.GEGLUFeedForward)]
+    assert qm.set_geglu(real, "triton-pointwise") == len(feed_forwards) == 4
+    launched, launch = [], triton_geglu.launch_kernel
+    monkeypatch.setattr(triton_geglu, "launch_kernel", lambda h, grid, out, *a, **kw: launched.append(
+        (h.shape, out.dtype)) or launch(h, grid, out, *a, **kw))
+    errors = []
+    try:
+        for i, ff in enumerate(feed_forwards):
+            hidden = ff.projections()[1].in_features
+            x = torch.randn(2, 37, ff.projections()[0].in_features, generator=torch.Generator().manual_seed(i))
+            expected = ff(x)  # on the CPU: the modules' chain, whatever the setting
+            with monkeypatch.context() as gpu:
+                gpu.setattr(qm, "resolve_geglu", lambda choice, device: choice)  # as on a GPU
+                got = ff(x)
+            assert got.shape == expected.shape and launched[-1][0] == (74, 2 * hidden)
+            errors.append(rel_rms(got, expected))
+    finally:
+        qm.set_geglu(real, "auto")
+    assert len(launched) == 4 and {d for _, d in launched} == {torch.int8 if precision == "int8" else torch.float8_e4m3fn}
+    assert max(errors) < 1e-3, errors
+
+
 def test_geglu_feed_forward_needs_two_8bit_linears(int8_pair, fp8_pair):
     from diffusers.models.attention import FeedForward
 
@@ -953,16 +984,20 @@ def test_geglu_choice(monkeypatch):
     assert {gemm8.resolve_geglu(c, "cpu") for c in gemm8.GEGLU_CHOICES} == {"inductor"}
     monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: True)
     monkeypatch.setattr(gemm8.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert [gemm8.resolve_geglu(c, "cuda") for c in gemm8.GEGLU_CHOICES] == ["inductor", "triton", "inductor"]
-    with pytest.raises(ConfigError, match="GEGLU 'fused' is not one of auto, triton, inductor"):
+    assert [gemm8.resolve_geglu(c, "cuda") for c in gemm8.GEGLU_CHOICES] == ["inductor", "triton", "triton-pointwise",
+                                                                              "inductor"]
+    with pytest.raises(ConfigError, match="GEGLU 'fused' is not one of auto, triton, triton-pointwise, inductor"):
         gemm8.resolve_geglu("fused", "cpu")
     monkeypatch.setattr(gemm8.torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert gemm8.resolve_geglu("triton-pointwise", "cuda") == "triton-pointwise"  # nothing of Hopper's in it
     with pytest.raises(MissingBackendError, match=r"engine.geglu is triton, which needs Hopper's TMA .compute "
                                                   r"capability 9.0 or newer; this GPU has \(8, 9\)\); set engine.geglu"):
         gemm8.resolve_geglu("triton", "cuda")
     monkeypatch.setattr(gemm8.triton_gemm, "available", lambda device: False)
     with pytest.raises(MissingBackendError, match="engine.geglu is triton, but the triton package"):
         gemm8.resolve_geglu("triton", "cuda")
+    with pytest.raises(MissingBackendError, match="engine.geglu is triton-pointwise, but the triton package"):
+        gemm8.resolve_geglu("triton-pointwise", "cuda")
     assert gemm8.resolve_kernels("int8", "cuda", int8_gemm="int_mm", conv_patches="inductor")["geglu"] == "inductor"
 
 

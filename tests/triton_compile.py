@@ -39,8 +39,9 @@ def main(spec):
     print(json.dumps({"wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.[\w.]+", ptx))),
                       "mma_sync": ptx.count("mma.sync"), "cp_async": ptx.count("cp.async.cg"),
                       "tma_loads": ptx.count("cp.async.bulk.tensor"),
-                      "vector_loads": len(re.findall(r"ld\.global[\w.]*\.v4", ptx)),
-                      "vector_stores": len(re.findall(r"st\.global[\w.]*\.v4", ptx)),
+                      # (cache qualifiers such as L1::evict_first sit between ld.global and .v4)
+                      "vector_loads": len(re.findall(r"ld\.global[\w.:]*\.v4", ptx)),
+                      "vector_stores": len(re.findall(r"st\.global[\w.:]*\.v4", ptx)),
                       "byte_stores": len(re.findall(r"st\.global(?:\.[a-z]+)*\.b8", ptx))}))
 
 

@@ -261,7 +261,7 @@ def main(argv=None):
                              "triton-fp8-probs, as engine.fp8_attention")
     parser.add_argument("--geglu", default="auto", metavar="KERNEL[,KERNEL]",
                         help="who runs the 8-bit GEGLU feed-forwards' middle, each as its own 8-bit variant: auto, "
-                             "inductor, triton, as engine.geglu")
+                             "inductor, triton, triton-pointwise, as engine.geglu")
     parser.add_argument("--projections", default="fused", metavar="MODE[,MODE]",
                         help="the projections of an attention that read one input as one GEMM (fused: q/k/v of a "
                              "self-attention, k/v of a cross-attention, where their scales allow, as the engine "

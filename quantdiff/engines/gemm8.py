@@ -19,7 +19,7 @@ FP8 = torch.float8_e4m3fn
 INT8_GEMM_CHOICES = ("auto", "triton", "triton-tma", "int_mm", "cudnn")
 CONV_PATCHES_CHOICES = ("auto", "triton", "inductor", "implicit")
 FP8_ATTENTION_CHOICES = ("auto", "sdpa", "triton", "triton-fp8-probs")
-GEGLU_CHOICES = ("auto", "triton", "inductor")
+GEGLU_CHOICES = ("auto", "triton", "triton-pointwise", "inductor")
 
 
 def _check_choice(what, choice, choices):
@@ -129,13 +129,16 @@ def resolve_geglu(choice, device):
     quantizes it for the FF-out GEMM; the CPU always) or "triton" (one Triton GEMM with TMA loads
     does all of it and writes the 8-bit input: qmodules.GEGLUFeedForward; Hopper and newer). "auto"
     is "inductor": the fused GEMM made the SDXL UNet step slower (fp8 26.33 against 25.16 ms on an
-    H200), and the engine stage does not package it (engines.check_packageable; docs/PERF.md)."""
+    H200), and the engine stage does not package it (engines.check_packageable; docs/PERF.md).
+    "triton-pointwise": the FF-in GEMM as for inductor, then one Triton kernel of our own for the
+    middle (engines/triton_geglu.py; any GPU Triton runs on; not yet timed)."""
     _check_choice("GEGLU", choice, GEGLU_CHOICES)
     device = torch.device(device)
     if device.type != "cuda" or choice in ("auto", "inductor"):
         return "inductor"
     _require_triton("geglu", choice, device, "inductor")
-    _require_hopper("geglu", choice, device)
+    if choice == "triton":
+        _require_hopper("geglu", choice, device)
     return choice
 
 

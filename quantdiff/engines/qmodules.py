@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantdiff.engines import triton_gemm
+from quantdiff.engines import triton_geglu, triton_gemm
 from quantdiff.engines.gemm8 import conv2d_as_gemm, int8_out_scale, resolve_conv_patches, resolve_geglu
 from quantdiff.engines.qattention import QuantAttnProcessor, fp8_kernel_scales
 from quantdiff.engines.qlinear import (FP8_FAST_ACCUM, FP8Linear, Int8Linear, StaticQuant, _copy_or_none,
@@ -46,7 +46,9 @@ class GEGLUFeedForward(nn.Module):
     loads, computes value * gelu(gate) of the input projection and writes it on the output
     projection's 8-bit grid (its smoothing folded in per column), which that linear reads as is: no
     fp16 hidden state of twice the width written and read back, no GEGLU+quantize kernel between
-    the GEMMs. Otherwise ("inductor") the modules run one after the other as diffusers has them.
+    the GEMMs. With "triton-pointwise" the FF-in linear writes value and gate in fp16 and one Triton
+    kernel (engines/triton_geglu.py) computes and quantizes the middle, as the fused GEMM writes it.
+    Otherwise ("inductor") the modules run one after the other as diffusers has them.
     Inference only: the dropouts between and after are identities."""
 
     geglu = "auto"  # set_geglu sets a whole model
@@ -82,17 +84,22 @@ class GEGLUFeedForward(nn.Module):
         return self.net[0].proj, self.net[2]
 
     def forward(self, hidden_states, *args, **kwargs):
-        if resolve_geglu(self.geglu, hidden_states.device) != "triton":
+        kernel = resolve_geglu(self.geglu, hidden_states.device)
+        if kernel == "inductor":
             for module in self.net:
                 hidden_states = module(hidden_states)
             return hidden_states
         proj, out = self.projections()
         lead, hidden = hidden_states.shape[:-1], out.in_features
-        xq = zero_pad_last_dim(proj.quantize_input(hidden_states.reshape(-1, proj.in_features)), proj.weight.shape[1])
-        int8 = isinstance(proj, Int8Linear)
-        h8 = triton_gemm.gemm8(xq, proj.weight, self.proj_scale, proj.bias, self.hidden_grid, n=hidden,
-                               gate_offset=hidden, out_fmt=triton_gemm.OUT_INT8 if int8 else triton_gemm.OUT_FP8,
-                               int8_min=out.act.min_bound, tma=True)
+        out_fmt = triton_gemm.OUT_INT8 if isinstance(proj, Int8Linear) else triton_gemm.OUT_FP8
+        if kernel == "triton-pointwise":  # the FF-in linear as it is, then one kernel for the middle
+            h = proj(hidden_states).reshape(-1, 2 * hidden)
+            h8 = triton_geglu.geglu8(h, self.hidden_grid, out_fmt, out.act.min_bound)
+        else:
+            xq = zero_pad_last_dim(proj.quantize_input(hidden_states.reshape(-1, proj.in_features)),
+                                   proj.weight.shape[1])
+            h8 = triton_gemm.gemm8(xq, proj.weight, self.proj_scale, proj.bias, self.hidden_grid, n=hidden,
+                                   gate_offset=hidden, out_fmt=out_fmt, int8_min=out.act.min_bound, tma=True)
         return out.from_quantized(h8, hidden_states.dtype).reshape(*lead, out.out_features)
 
 

@@ -313,9 +313,10 @@ class ExportedEngine:
 
 
 def _load_exported(path):
-    # the project's custom ops (Triton GEMM, patches, conv, attention; cuDNN's int8 ops) must be registered
+    # the project's custom ops (Triton GEMM, GEGLU, patches, conv, attention; cuDNN's int8 ops) must be registered
     # before the graph loads, or the archive reads as corrupt
-    from quantdiff.engines import cudnn_int8, triton_attention, triton_conv, triton_gemm, triton_patches  # noqa: F401
+    from quantdiff.engines import (cudnn_int8, triton_attention, triton_conv, triton_geglu,  # noqa: F401
+                                   triton_gemm, triton_patches)
 
     extra = {_METADATA_KEY: ""}
     program = torch.export.load(str(path), extra_files=extra)

@@ -72,6 +72,12 @@ def gemm8_reference(a, w, scale, bias=None, out_grid=None, n=None, gate_offset=0
     y = part(0)
     if gate_offset:
         y = y * torch.nn.functional.gelu(part(gate_offset))
+    return on_grid_reference(y, out_grid, out_fmt, int8_min, out_dtype)
+
+
+def on_grid_reference(y, out_grid, out_fmt, int8_min=-INT8_MAX, out_dtype=torch.float16):
+    """The float32 y as the kernels write it: OUT_FLOAT cast to out_dtype; OUT_INT8 / OUT_FP8 y * out_grid
+    (per column) on the next GEMM's 8-bit grid (int8: round half to even, clamp to [int8_min, 127])."""
     if out_fmt == OUT_INT8:
         return torch.clamp(torch.round(y * out_grid.float()), int8_min, INT8_MAX).to(torch.int8)
     if out_fmt == OUT_FP8:
@@ -122,8 +128,18 @@ if triton is not None:
         gelu(gate), and for an 8-bit output put on the next GEMM's grid."""
         y = _scaled(acc, rn, n_ok, scale_ptr, bias_ptr, HAS_BIAS)
         if GEGLU:
-            gate = _scaled(gate_acc, rn, n_ok, scale_ptr + gate_offset, bias_ptr + gate_offset, HAS_BIAS)
-            y = y * (0.5 * gate * (1.0 + tl.erf(gate * _SQRT_HALF)))
+            y = y * gelu(_scaled(gate_acc, rn, n_ok, scale_ptr + gate_offset, bias_ptr + gate_offset, HAS_BIAS))
+        return on_grid(y, rn, n_ok, grid_ptr, int8_min, OUT_FMT)
+
+    @triton.jit
+    def gelu(x):
+        """The exact (erf) gelu of float32 x, as torch's default."""
+        return 0.5 * x * (1.0 + tl.erf(x * _SQRT_HALF))
+
+    @triton.jit
+    def on_grid(y, rn, n_ok, grid_ptr, int8_min, OUT_FMT: tl.constexpr):
+        """The float32 tile y of columns rn as written (on_grid_reference): as is for a float output,
+        else times each column's grid and rounded (int8) or clamped (fp8) onto it."""
         if OUT_FMT == 1:
             y = y * tl.load(grid_ptr + rn, mask=n_ok, other=0.0)[None, :]
             # clamping first is the same as clamping the rounded value: the bounds are integers
