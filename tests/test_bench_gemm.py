@@ -133,3 +133,17 @@ def test_attention_rows_compare_the_level_4_paths(monkeypatch):
     assert 5e-3 < row["fp16 sdpa rel_err"] < 0.1  # what fp8 q, k, v change
     assert 2e-3 < row["fp8 triton p e4m3 rel_err"] < 0.06  # what e4m3 p adds
     assert row["fp8 triton alone us by tile"] == row["fp8 triton p e4m3 alone us by tile"] == {"default": 1.0}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_geglu_middle_rows_compare_inductor_with_the_triton_kernel(fmt, monkeypatch):
+    # on the CPU (Inductor's C++ kernel, the Triton kernel in the interpreter), clock stubbed
+    logged = []
+    row = gemm.geglu_middle_row(37, 96, fmt, logged.append, device="cpu", time_fn=lambda fn: fn() is None or 2.0)
+    moved_mb = (37 * 192 * 2 + 37 * 96) / 1e6
+    assert row["input"] == [37, 192] and row["moved_mb"] == round(moved_mb, 3) and logged
+    assert row["inductor us"] == row["triton us"] == 2.0 and row["triton GB/s"] == round(moved_mb / 2e-3, 1) > 0
+    # float32 in the kernel, fp16 first in the modules' chain: a few values one grid step apart
+    assert row["triton differs"] < 0.02
+    assert row["triton max diff"] <= (1.0 if fmt == "int8" else 16.0)  # int8: one step; e4m3: one step near 128
+    assert "triton us by tile" not in row  # the sweep is the GPU's

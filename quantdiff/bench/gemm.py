@@ -249,6 +249,45 @@ def tma_rows(m, k, n, fmt, a, w, scale, out, log, next_grid=None, out_fmt=triton
     return rows
 
 
+# the GEGLU pointwise kernel's tiles `--geglu-middle` times (the first is the engine's)
+GEGLU_MIDDLE_TILES = ({"BLOCK_M": 4, "BLOCK_N": 512, "num_warps": 4}, {"BLOCK_M": 8, "BLOCK_N": 256, "num_warps": 4},
+                      {"BLOCK_M": 2, "BLOCK_N": 1024, "num_warps": 4}, {"BLOCK_M": 8, "BLOCK_N": 512, "num_warps": 8},
+                      {"BLOCK_M": 16, "BLOCK_N": 256, "num_warps": 8})
+
+
+def geglu_middle_row(m, n, fmt, log, device="cuda", time_fn=None):
+    """The middle of a GEGLU feed-forward, (m, 2n) fp16 in, (m, n) 8-bit out, us and GB/s: Inductor's
+    kernel (engine.geglu: inductor), the project's Triton kernel (triton-pointwise) per tile; outputs
+    compared (element share that differs, and by how much)."""
+    from ..engines import triton_geglu
+
+    time_fn = time_fn or time_graph
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(m, 2 * n, generator=g, device=device).half()
+    grid = torch.tensor(GEGLU_NEXT_GRID[fmt], device=device)
+    out_fmt = triton_gemm.OUT_FP8 if fmt == "fp8" else triton_gemm.OUT_INT8
+    moved_mb = (h.numel() * 2 + m * n) / 1e6
+    row = {"fmt": fmt, "input": [m, 2 * n], "moved_mb": round(moved_mb, 3)}
+    torch._dynamo.reset()
+    inductor = torch.compile(lambda h: geglu_8bit(h, grid, fmt))
+    want = inductor(h)
+    row["inductor us"] = round(time_fn(lambda: inductor(h)), 2)
+    got = triton_geglu.geglu8(h, grid, out_fmt)
+    row["triton us"] = round(time_fn(lambda: triton_geglu.geglu8(h, grid, out_fmt)), 2)
+    row["triton differs"] = round(float((got.float() != want.float()).float().mean()), 6)
+    row["triton max diff"] = float((got.float() - want.float()).abs().max())
+    for name in ("inductor", "triton"):
+        row[f"{name} GB/s"] = round(moved_mb / 1e3 / (row[f"{name} us"] * 1e-6), 1)
+    if device == "cuda":  # the tile sweep, the kernel alone
+        grid_columns = triton_gemm.per_column(grid, n)
+        out = torch.empty_like(got)
+        row["triton us by tile"] = {
+            f"{t['BLOCK_M']}x{t['BLOCK_N']}/{t['num_warps']}": round(time_fn(lambda t=t: triton_geglu.launch_kernel(
+                h, grid_columns, out, out_fmt, -127.0, tile=t)), 2) for t in GEGLU_MIDDLE_TILES}
+    log(json.dumps(row))
+    return row
+
+
 def patches_row(channels, side, log):
     """The int8 patch matrix of a 3x3 conv's input, from fp16 (the quantize included), compiled:
     Inductor's kernel for the unfold view against the Triton copy kernel; same bytes required."""
@@ -425,6 +464,9 @@ def main(argv=None):
     parser.add_argument("--convs", action="store_true",
                         help="instead: time SDXL's 3x3 convs from fp16 input: cuDNN fp16, and 8-bit as patch "
                              "matrix + GEMM against the implicit-GEMM Triton conv")
+    parser.add_argument("--geglu-middle", action="store_true",
+                        help="instead: time the GEGLU feed-forwards' middle (value * gelu(gate), quantized) on "
+                             "SDXL's shapes: Inductor's kernel against the project's Triton kernel and its tiles")
     parser.add_argument("--attention", action="store_true",
                         help="instead: time SDXL's attention shapes: fp16 SDPA, level 4's fake-quant SDPA and "
                              "the FP8 Triton attention kernel")
@@ -439,6 +481,11 @@ def main(argv=None):
     if args.patches:
         for channels, side in CONV_INPUTS:
             result["rows"].append(patches_row(channels, side, log))
+            write_json(args.out, result)
+        return result
+    if args.geglu_middle:
+        for fmt, (m, _, n) in itertools.product(("int8", "fp8"), GEGLU_SHAPES):
+            result["rows"].append(geglu_middle_row(m, n // 2, fmt, log))
             write_json(args.out, result)
         return result
     if args.attention:
