@@ -192,7 +192,8 @@ def test_each_projection_mode_is_a_conversion_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(quantdiff.models, "arch_unet", lambda arch, device, dtype: tiny_sdxl_unet())
     monkeypatch.setattr(quantdiff.models, "unet_example_inputs", lambda unet, batch, res, dtype, device: unet_inputs(2, 0))
     monkeypatch.setattr(engine_torch, "device_layout", lambda unet, device: unet)
-    monkeypatch.setattr(gemm8, "resolve_kernels", lambda precision, device, *a, **kw: resolve(precision, "cpu", *a, **kw))
+    monkeypatch.setattr(gemm8, "resolve_kernels",
+                        lambda precision, device, *a, **kw: resolve(precision, "cpu", *a, **kw))
     monkeypatch.setattr(bench_unet, "measure", measure)
     result = bench_unet.main(["--precisions", "fp8", "--projections", "fused,separate", "--out", str(tmp_path)])
     fused, separate = result["rows"][1:]

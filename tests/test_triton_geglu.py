@@ -36,9 +36,9 @@ def test_per_tensor_grid_and_a_strided_input():
     wide = torch.zeros(8, 200, dtype=torch.float16)
     wide[:, :128] = h
     view = wide[:, :128]  # rows 200 apart, as a slice of a wider buffer
-    want = tg.geglu8_reference(h, torch.tensor(16.0), OUT_INT8)
-    assert torch.equal(tg.geglu8(view, torch.tensor(16.0), OUT_INT8), tg.geglu8(h, torch.tensor(16.0), OUT_INT8))
-    assert (tg.geglu8(view, torch.tensor(16.0), OUT_INT8).int() - want.int()).abs().max() <= 1
+    want, got = tg.geglu8_reference(h, torch.tensor(16.0), OUT_INT8), tg.geglu8(view, torch.tensor(16.0), OUT_INT8)
+    assert torch.equal(got, tg.geglu8(h, torch.tensor(16.0), OUT_INT8))
+    assert (got.int() - want.int()).abs().max() <= 1
 
 
 def test_refusals():

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..engines import triton_gemm
 from ..engines.gemm8 import conv_geometry, fp8_matmul, image_patches, int8_dequantize, int8_matmul, int8_out_scale
 from ..io import write_json
-from ..quant.grids import fp8_scales, int8_scales, quantize_fp8, quantize_int8
+from ..quant.grids import INT8_MAX, fp8_scales, int8_scales, quantize_fp8, quantize_int8
 from .timing import capture_cuda_graph, time_calls
 
 # (tokens, in, out) of SDXL's linears at 1024 px, batch 2: FF in/out and attention at 32x32 and 64x64
@@ -249,12 +249,6 @@ def tma_rows(m, k, n, fmt, a, w, scale, out, log, next_grid=None, out_fmt=triton
     return rows
 
 
-# the GEGLU pointwise kernel's tiles `--geglu-middle` times (the first is the engine's)
-GEGLU_MIDDLE_TILES = ({"BLOCK_M": 4, "BLOCK_N": 512, "num_warps": 4}, {"BLOCK_M": 8, "BLOCK_N": 256, "num_warps": 4},
-                      {"BLOCK_M": 2, "BLOCK_N": 1024, "num_warps": 4}, {"BLOCK_M": 8, "BLOCK_N": 512, "num_warps": 8},
-                      {"BLOCK_M": 16, "BLOCK_N": 256, "num_warps": 8})
-
-
 def geglu_middle_row(m, n, fmt, log, device="cuda", time_fn=None):
     """The middle of a GEGLU feed-forward, (m, 2n) fp16 in, (m, n) 8-bit out, us and GB/s: Inductor's
     kernel (engine.geglu: inductor), the project's Triton kernel (triton-pointwise) per tile; outputs
@@ -283,7 +277,7 @@ def geglu_middle_row(m, n, fmt, log, device="cuda", time_fn=None):
         out = torch.empty_like(got)
         row["triton us by tile"] = {
             f"{t['BLOCK_M']}x{t['BLOCK_N']}/{t['num_warps']}": round(time_fn(lambda t=t: triton_geglu.launch_kernel(
-                h, grid_columns, out, out_fmt, -127.0, tile=t)), 2) for t in GEGLU_MIDDLE_TILES}
+                h, grid_columns, out, out_fmt, -INT8_MAX, tile=t)), 2) for t in triton_geglu.SWEEP_TILES}
     log(json.dumps(row))
     return row
 

@@ -8,7 +8,8 @@ a 15.6 us floor, 46.7 against 31.3 for (8192, 5120); with 70 calls it took 2.0 m
 column block (each row's value and gate runs read as 16-byte vectors), the input read once and
 evicted first. The output is what the fused GEMM (`geglu: triton`) writes: value * gelu(gate) in
 float32, times the FF-out linear's grid per column (its smoothing folded in), rounded or clamped onto
-it. Not yet timed on a GPU: `python -m quantdiff.bench.unet --geglu inductor,triton-pointwise` does.
+it. Not yet timed on a GPU: `python -m quantdiff.bench.gemm --geglu-middle` times it against Inductor's
+kernel, `python -m quantdiff.bench.unet --geglu triton-pointwise` in the UNet.
 
 `quantdiff::geglu8` is a torch.library.triton_op (torch.compile and AOTInductor take it);
 `geglu8_reference` is its meaning in plain PyTorch, which CPU tests check the kernel against in
@@ -50,6 +51,9 @@ if triton is not None:
 
     # 2048 elements a program, 16 per thread; a sweep on the GPU has yet to choose (see the module's doc)
     TILE = {"BLOCK_M": 4, "BLOCK_N": 512, "num_warps": 4}
+    # the tiles `bench.gemm --geglu-middle` times, alone
+    SWEEP_TILES = [TILE, {"BLOCK_M": 8, "BLOCK_N": 256, "num_warps": 4}, {"BLOCK_M": 2, "BLOCK_N": 1024, "num_warps": 4},
+                   {"BLOCK_M": 8, "BLOCK_N": 512, "num_warps": 8}, {"BLOCK_M": 16, "BLOCK_N": 256, "num_warps": 8}]
     INTERPRETER_TILE = {"BLOCK_M": 4, "BLOCK_N": 32}
 
     def launch_kernel(h, grid, out, out_fmt, int8_min, tile=None):
